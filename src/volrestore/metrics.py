@@ -1,0 +1,205 @@
+"""Image quality numbers on numpy arrays: PSNR/SSIM/MS-SSIM/NRMSE/MAE, Mood's median test, calibration, seams, residual checks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Reference normalisation as in the CARE literature: the reference's 0.1 and 99.9 percentiles map to 0 and 1, and
+# PSNR/SSIM use data range 1. Percentiles come from a fixed 65536-bin histogram over the reference's [min, max]
+# so that a blockwise (lazy) evaluation gives exactly the numbers of an in-memory one.
+PERCENTILES = (0.1, 99.9)
+HIST_BINS = 65536
+
+
+def histogram_percentiles(hist: np.ndarray, lo: float, hi: float, q=PERCENTILES) -> tuple[float, ...]:
+    """Percentiles (0–100) from a histogram of equal bins over [lo, hi], within one bin of numpy's 'linear' rule."""
+    cdf = np.cumsum(hist, dtype=np.float64)
+    width = (hi - lo) / len(hist) if hi > lo else 0.0
+
+    def order_statistic(k: int) -> float:  # the k-th smallest value (0-based), placed evenly inside its bin
+        i = int(np.searchsorted(cdf, k, side="right"))
+        before = cdf[i - 1] if i > 0 else 0.0
+        return lo + (i + (k - before + 0.5) / hist[i]) * width
+
+    out = []
+    for p in q:
+        position = p / 100.0 * (cdf[-1] - 1)  # numpy's 'linear' method: interpolate between order statistics
+        k = int(np.floor(position))
+        a = order_statistic(k)
+        b = order_statistic(min(k + 1, int(cdf[-1]) - 1))
+        out.append(float(a + (position - k) * (b - a)))
+    return tuple(out)
+
+
+def reference_histogram(ref: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Counts of ref in HIST_BINS equal bins over [lo, hi]; add these over blocks for the whole image."""
+    return np.histogram(np.asarray(ref, dtype=np.float64), bins=HIST_BINS, range=(lo, hi if hi > lo else lo + 1))[0]
+
+
+def normalisation(ref: np.ndarray, mode: str = "percentile") -> tuple[float, float]:
+    """(offset, range) that map the reference to [0, 1]: percentile (0.1–99.9, default) or the raw min–max."""
+    ref = np.asarray(ref, dtype=np.float64)
+    lo, hi = float(ref.min()), float(ref.max())
+    if mode == "raw":
+        return lo, hi - lo
+    p_lo, p_hi = histogram_percentiles(reference_histogram(ref, lo, hi), lo, hi)
+    return p_lo, p_hi - p_lo
+
+
+def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def psnr(pred, ref, mode: str = "percentile") -> float:
+    """PSNR in dB after normalising both images by the reference (see PERCENTILES)."""
+    offset, scale = normalisation(ref, mode)
+    p = (np.asarray(pred, np.float64) - offset) / scale
+    r = (np.asarray(ref, np.float64) - offset) / scale
+    return psnr_from_mse(float(np.mean((p - r) ** 2)))
+
+
+def nrmse(pred, ref) -> float:
+    """||pred − ref|| / ||ref||, as scikit-image's normalized_root_mse with its default 'euclidean' rule."""
+    p, r = np.asarray(pred, np.float64), np.asarray(ref, np.float64)
+    return float(np.sqrt(np.sum((p - r) ** 2)) / np.sqrt(np.sum(r**2)))
+
+
+def mae(pred, ref) -> float:
+    return float(np.mean(np.abs(np.asarray(pred, np.float64) - np.asarray(ref, np.float64))))
+
+
+# SSIM: Wang et al.'s Gaussian window (sigma 1.5, 11 taps), population covariance, data range 1 after normalisation.
+SSIM_SIGMA = 1.5
+SSIM_MARGIN = 5  # half the 11-tap window: scikit-image crops this many voxels at each border before averaging
+
+
+def ssim_map(pred, ref) -> np.ndarray:
+    """The local SSIM map of two images already normalised to data range 1 (2D or 3D)."""
+    from skimage.metrics import structural_similarity
+
+    _, full = structural_similarity(
+        np.asarray(pred, np.float64),
+        np.asarray(ref, np.float64),
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=SSIM_SIGMA,
+        use_sample_covariance=False,
+        full=True,
+    )
+    return full
+
+
+def ssim(pred, ref, mode: str = "percentile") -> float:
+    """Mean SSIM over the image (3D for a volume), after normalising both by the reference."""
+    offset, scale = normalisation(ref, mode)
+    p = (np.asarray(pred, np.float64) - offset) / scale
+    r = (np.asarray(ref, np.float64) - offset) / scale
+    full = ssim_map(p, r)
+    crop = tuple(slice(SSIM_MARGIN, max(SSIM_MARGIN, n - SSIM_MARGIN)) for n in full.shape)
+    return float(full[crop].mean(dtype=np.float64))
+
+
+def ms_ssim_2d(pred, ref, offset: float, scale: float) -> float:
+    """MS-SSIM of one 2D slice (MONAI; as many of the 5 standard scales as the slice size allows)."""
+    import torch
+    from monai.metrics import MultiScaleSSIMMetric
+
+    weights = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+    side = min(np.shape(pred))
+    levels = len(weights)
+    # MONAI's size rule for an 11-tap window: side // max(1, scales − 1)² must exceed 10.
+    while levels > 1 and side // max(1, levels - 1) ** 2 <= 10:
+        levels -= 1
+    if side <= 10:
+        return float("nan")  # too small for even one 11-tap scale
+    w = np.asarray(weights[:levels])
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, weights=tuple((w / w.sum()).tolist()))
+    p = torch.as_tensor((np.asarray(pred, np.float64) - offset) / scale, dtype=torch.float64)[None, None]
+    r = torch.as_tensor((np.asarray(ref, np.float64) - offset) / scale, dtype=torch.float64)[None, None]
+    return float(metric(p, r).mean())
+
+
+def moods_median_test(samples: dict[str, np.ndarray]) -> list[dict]:
+    """Mood's median test (scipy.stats.median_test) between every pair of methods' per-slice metric values."""
+    from itertools import combinations
+
+    from scipy.stats import median_test
+
+    rows = []
+    for a, b in combinations(samples, 2):
+        stat, p, grand_median, _ = median_test(np.asarray(samples[a]), np.asarray(samples[b]))
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "median_a": float(np.median(samples[a])),
+                "median_b": float(np.median(samples[b])),
+                "grand_median": float(grand_median),
+                "statistic": float(stat),
+                "p_value": float(p),
+            }
+        )
+    return rows
+
+
+def calibration(pred, std, ref, k: float = 2.0) -> float:
+    """Share of voxels where |pred − ref| ≤ k·std (≈ 0.95 for a calibrated Gaussian uncertainty at k = 2)."""
+    err = np.abs(np.asarray(pred, np.float64) - np.asarray(ref, np.float64))
+    return float(np.mean(err <= k * np.asarray(std, np.float64)))
+
+
+def reliability_curve(pred, std, ref, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Mean predicted std vs observed RMS error in std-quantile bins (for a reliability plot)."""
+    s = np.asarray(std, np.float64).ravel()
+    e = (np.asarray(pred, np.float64) - np.asarray(ref, np.float64)).ravel()
+    edges = np.quantile(s, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
+    predicted = np.array([s[which == i].mean() if np.any(which == i) else np.nan for i in range(bins)])
+    observed = np.array([np.sqrt(np.mean(e[which == i] ** 2)) if np.any(which == i) else np.nan for i in range(bins)])
+    return predicted, observed
+
+
+def seam_ratio(image, tile_starts: dict[int, list[int]]) -> float:
+    """Gradient energy across the engine's tile borders ÷ gradient energy elsewhere (≈ 1 when there are no seams).
+
+    tile_starts maps an axis to the positions p where a tile border lies between voxel p−1 and p.
+    """
+    img = np.asarray(image, np.float64)
+    on, on_n, off, off_n = 0.0, 0, 0.0, 0
+    for axis, starts in tile_starts.items():
+        d = np.diff(img, axis=axis) ** 2  # d[i] is the step between voxel i and i+1
+        border = np.zeros(d.shape[axis], bool)
+        for p in starts:
+            if 1 <= p <= d.shape[axis]:
+                border[p - 1] = True
+        shape = [1] * d.ndim
+        shape[axis] = -1
+        mask = np.broadcast_to(border.reshape(shape), d.shape)
+        on += d[mask].sum()
+        on_n += mask.sum()
+        off += d[~mask].sum()
+        off_n += (~mask).sum()
+    if on_n == 0 or off_n == 0 or off == 0:
+        return float("nan")
+    return float((on / on_n) / (off / off_n))
+
+
+def lag1_autocorrelation(residual, axis: int) -> float:
+    """Autocorrelation at lag 1 along an axis (≈ 0 for white residuals, > 0 when structure was removed)."""
+    r = np.asarray(residual, np.float64)
+    r = r - r.mean()
+    a = np.take(r, np.arange(r.shape[axis] - 1), axis=axis)
+    b = np.take(r, np.arange(1, r.shape[axis]), axis=axis)
+    denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / denom) if denom else float("nan")
+
+
+def mean_variance(signal, residual, bins: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Residual variance in bins of restored intensity: shot noise gives a rising, roughly linear relation."""
+    s = np.asarray(signal, np.float64).ravel()
+    r = np.asarray(residual, np.float64).ravel()
+    edges = np.quantile(s, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
+    means = np.array([s[which == i].mean() if np.any(which == i) else np.nan for i in range(bins)])
+    variances = np.array([r[which == i].var() if np.any(which == i) else np.nan for i in range(bins)])
+    return means, variances
