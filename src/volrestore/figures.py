@@ -1,0 +1,152 @@
+"""PNG figures: side-by-side slices / orthogonal views / MIPs with shared contrast and a scale bar, metric plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import ngff
+from .errors import UserError
+
+
+def check_writable(path) -> Path:
+    """Fail before any computation when a figure or table cannot be written there."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: its folder does not exist or is not writable; choose another path")
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def comparison_boxplot(samples: dict[str, list[float]], metric: str, path, moods=None) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(samples), 3.6), dpi=120)
+    names = list(samples)
+    ax.violinplot([samples[n] for n in names], showextrema=False)
+    ax.boxplot([samples[n] for n in names], widths=0.25, showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=20)
+    ax.set_ylabel(f"per-slice {metric.upper().replace('_', '-')}")
+    if moods:
+        text = "\n".join(f"{r['a']} vs {r['b']}: p = {r['p_value']:.2g}" for r in moods[:4])
+        ax.set_title("Mood's median test\n" + text, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def reliability_plot(predicted, observed, path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=120)
+    top = float(np.nanmax([np.nanmax(predicted), np.nanmax(observed)]))
+    ax.plot([0, top], [0, top], "k--", lw=1, label="calibrated")
+    ax.plot(predicted, observed, "o-", label="restoration")
+    ax.set_xlabel("predicted std")
+    ax.set_ylabel("observed RMS error")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _volume(path, level, lead_index=None):
+    """A lazy (z, y, x) dask array of one t/c index of an image, plus its (z, y, x) voxel size and unit."""
+    image = ngff.open_image(path, level=level)
+    for dim in ("t", "c"):
+        if dim in image.dims:
+            image = image.isel({dim: (lead_index or {}).get(dim, 0)})
+    info = ngff.read_info(path)
+    scale = dict(zip(info.axis_names, info.levels[level].scale))
+    unit = next((a.unit for a in info.axes if a.name == "x" and a.unit), None)
+    if "z" not in image.dims:
+        image = image.expand_dims("z")
+    return image.transpose("z", "y", "x").data, [scale.get(a, 1.0) for a in "zyx"], unit
+
+
+def _scale_bar(ax, width_px, pixel_size, unit):
+    """A bar of a round physical length, about a fifth of the panel width."""
+    if not unit:
+        return
+    target = width_px * pixel_size / 5
+    length = 10 ** np.floor(np.log10(target))
+    for step in (5, 2, 1):
+        if step * length <= target:
+            length *= step
+            break
+    px = length / pixel_size
+    ax.plot([width_px * 0.95 - px, width_px * 0.95], [0.93, 0.93], transform=ax.get_xaxis_transform(),
+            color="white", lw=3, solid_capstyle="butt")
+    short = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm"}.get(unit, unit)
+    ax.text(width_px * 0.95 - px / 2, 0.88, f"{length:g} {short}", transform=ax.get_xaxis_transform(),
+            color="white", ha="center", va="top", fontsize=7)
+
+
+def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None, percentiles=(0.5, 99.8)) -> Path:
+    """Draw the same slice (or orthogonal views, or MIPs) of several images side by side with one contrast.
+
+    view: "slices" (z plane), "ortho" (xy, xz, yz through the centre) or "mip" (max projections along z, y, x).
+    zoom: optional (y0, y1, x0, x1) region drawn as an inset row below.
+    """
+    out = check_writable(out)
+    if not paths:
+        raise UserError("give at least one image to draw")
+    if view not in ("slices", "ortho", "mip"):
+        raise UserError(f"unknown view {view!r}; use slices, ortho or mip")
+    volumes = [_volume(p, level) for p in paths]
+    shape = volumes[0][0].shape
+    for p, (v, _, _) in zip(paths, volumes):
+        if v.shape != shape:
+            raise UserError(f"{p} has shape {v.shape} but {paths[0]} has {shape}; draw images of the same region")
+    zc = shape[0] // 2 if z is None else int(z)
+    if not 0 <= zc < shape[0]:
+        raise UserError(f"slice z={zc} is outside 0..{shape[0] - 1}; choose another --z")
+    rows = []
+    for v, _, _ in volumes:
+        if view == "slices":
+            rows.append([np.asarray(v[zc], np.float64)])
+        elif view == "ortho":
+            rows.append([np.asarray(v[zc], np.float64), np.asarray(v[:, shape[1] // 2, :], np.float64),
+                         np.asarray(v[:, :, shape[2] // 2], np.float64)])
+        else:
+            rows.append([np.asarray(v.max(axis=a).compute(), np.float64) for a in (0, 1, 2)])
+    # One contrast for all panels, from the first image (usually the raw or reference one).
+    lo, hi = np.percentile(np.concatenate([p.ravel() for p in rows[0]]), percentiles)
+    plt = _pyplot()
+    ncol = len(paths)
+    nrow = len(rows[0]) + (1 if zoom else 0)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.6 * nrow), dpi=110, squeeze=False)
+    names = titles or [Path(p).name.replace(".ome.zarr", "") for p in paths]
+    view_names = {"slices": [f"z = {zc}"], "ortho": ["xy", "xz", "yz"], "mip": ["MIP z", "MIP y", "MIP x"]}[view]
+    for j, (row, (_, scale, unit)) in enumerate(zip(rows, volumes)):
+        for i, img in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(names[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(view_names[i], fontsize=8)
+            _scale_bar(ax, img.shape[1], scale[2] if (view != "mip" or i < 2) else scale[1], unit)
+        if zoom:
+            y0, y1, x0, x1 = zoom
+            ax = axes[-1][j]
+            ax.imshow(row[0][y0:y1, x0:x1], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel("zoom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
