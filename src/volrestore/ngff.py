@@ -1,0 +1,537 @@
+"""OME-Zarr NGFF 0.4/0.5 in/out: read metadata and levels (lazy xarray), create outputs, build pyramids, provenance."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as _thread_wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .errors import UserError
+
+AXIS_ORDER = "tczyx"
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+SPACE_UNITS = frozenset(
+    "angstrom attometer centimeter decimeter exameter femtometer foot gigameter hectometer inch kilometer "
+    "megameter meter micrometer mile millimeter nanometer parsec petameter picometer terameter yard "
+    "yoctometer yottameter zeptometer zettameter".split()
+)
+TIME_UNITS = frozenset(
+    "attosecond centisecond day decisecond exasecond femtosecond gigasecond hectosecond hour kilosecond "
+    "megasecond microsecond millisecond minute nanosecond petasecond picosecond second terasecond "
+    "yoctosecond yottasecond zeptosecond zettasecond".split()
+)
+VERSIONS = ("0.4", "0.5")
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    type: str | None = None
+    unit: str | None = None
+
+    def to_ngff(self) -> dict:
+        return {k: v for k, v in (("name", self.name), ("type", self.type), ("unit", self.unit)) if v is not None}
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    scale: list[float]
+    translation: list[float]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: str
+    version: str
+    axes: list[Axis]
+    levels: list[LevelInfo]
+    channel_names: list[str] | None = None
+    provenance: dict | None = None
+    complete: bool | None = None
+    name: str | None = field(default=None)
+
+    @property
+    def axis_names(self) -> list[str]:
+        return [a.name for a in self.axes]
+
+    @property
+    def spatial_axes(self) -> list[str]:
+        return [a.name for a in self.axes if a.name in "zyx"]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_info(path) -> ImageInfo:
+    """Read and validate the metadata of an OME-Zarr image (NGFF 0.4 or 0.5)."""
+    group = _open_group(path)
+    attrs = group.attrs.asdict()
+    if "ome" in attrs:
+        ome = attrs["ome"]
+        if not isinstance(ome, dict):
+            raise UserError(f"{path}: malformed OME-Zarr metadata ('ome' is not an object); rewrite or reconvert it")
+        version = str(ome.get("version", ""))
+        omero = ome.get("omero")
+    elif "multiscales" in attrs:
+        ome = attrs
+        ms = attrs["multiscales"]
+        version = str(ms[0].get("version", "")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else ""
+        omero = attrs.get("omero")
+    else:
+        raise UserError(f"{path} is a Zarr group without OME-Zarr multiscales metadata; give an OME-Zarr image")
+    if version not in VERSIONS:
+        raise UserError(f"{path}: NGFF version {version or '(missing)'} is not supported; use NGFF 0.4 or 0.5")
+    if "multiscales" not in ome:
+        raise UserError(f"{path} has no multiscales metadata (is it a plate or labels group?); give an image group")
+    try:
+        ms = ome["multiscales"][0]
+        if not all(isinstance(a, dict) for a in ms["axes"]):
+            raise ValueError("axes must be a list of objects with a name")
+        axes = [_parse_axis(a) for a in ms["axes"]]
+        global_scale, global_translation = _parse_transforms(ms.get("coordinateTransformations"), len(axes))
+        datasets = ms["datasets"]
+        if not datasets:
+            raise ValueError("no datasets")
+        levels = []
+        for ds in datasets:
+            scale, translation = _parse_transforms(ds["coordinateTransformations"], len(axes))
+            if global_scale is not None:
+                translation = [t * g + gt for t, g, gt in zip(translation, global_scale, global_translation)]
+                scale = [s * g for s, g in zip(scale, global_scale)]
+            levels.append((str(ds["path"]), scale, translation))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: malformed multiscales metadata ({error_summary(exc)}); fix the metadata or reconvert") from None
+    _check_axes([a.name for a in axes], path)
+
+    level_infos = []
+    for lpath, scale, translation in levels:
+        try:
+            arr = group[lpath]
+        except KeyError:
+            raise UserError(f"{path}: level '{lpath}' listed in multiscales is missing; reconvert the image") from None
+        if not isinstance(arr, zarr.Array) or arr.ndim != len(axes):
+            raise UserError(f"{path}: level '{lpath}' is not a {len(axes)}-D array matching the axes; reconvert it")
+        if any(not s > 0 for s in scale):
+            raise UserError(f"{path}: level '{lpath}' has a non-positive scale {scale}; fix the metadata")
+        level_infos.append(
+            LevelInfo(
+                path=lpath,
+                shape=tuple(int(n) for n in arr.shape),
+                dtype=str(arr.dtype),
+                chunks=tuple(int(n) for n in arr.chunks),
+                shards=tuple(int(n) for n in arr.shards) if getattr(arr, "shards", None) else None,
+                scale=[float(s) for s in scale],
+                translation=[float(t) for t in translation],
+            )
+        )
+    if not np.issubdtype(np.dtype(level_infos[0].dtype), np.number):
+        raise UserError(f"{path}: data type {level_infos[0].dtype} is not numeric; convert it to a numeric type")
+
+    channel_names = None
+    if isinstance(omero, dict) and isinstance(omero.get("channels"), list):
+        labels = [c.get("label") if isinstance(c, dict) else None for c in omero["channels"]]
+        if labels and all(isinstance(lbl, str) for lbl in labels):
+            channel_names = labels
+    provenance = attrs.get("volrestore") if isinstance(attrs.get("volrestore"), dict) else None
+    return ImageInfo(
+        path=str(path),
+        version=version,
+        axes=axes,
+        levels=level_infos,
+        channel_names=channel_names,
+        provenance=provenance,
+        complete=provenance.get("complete") if provenance else None,
+        name=ms.get("name"),
+    )
+
+
+def open_level(path, level: int = 0, mode: str = "r") -> zarr.Array:
+    """The zarr array of one pyramid level (0 = full resolution); mode="r+" to write into an output."""
+    info = path if isinstance(path, ImageInfo) else read_info(path)
+    if not -len(info.levels) <= level < len(info.levels):
+        raise UserError(f"{info.path} has {len(info.levels)} level(s); choose a level from 0 to {len(info.levels) - 1}")
+    return zarr.open_group(info.path, mode=mode)[info.levels[level].path]
+
+
+def open_image(path, level: int = 0):
+    """A lazy dask-backed xarray.DataArray: dims = axis names, physical coordinates on spatial axes.
+
+    Dask chunks follow the write-blocks (shards if present, else chunks) so a dask task never splits a shard.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    info = path if isinstance(path, ImageInfo) else read_info(path)
+    arr = open_level(info, level)
+    lvl = info.levels[level]
+    data = da.from_zarr(arr, chunks=lvl.shards or lvl.chunks)
+    coords = {}
+    for i, ax in enumerate(info.axes):
+        if ax.name in "zyx":
+            values = np.arange(lvl.shape[i], dtype=np.float64) * lvl.scale[i] + lvl.translation[i]
+            coords[ax.name] = xr.Variable(ax.name, values, attrs={"units": ax.unit} if ax.unit else {})
+        elif ax.name == "c" and info.channel_names and len(info.channel_names) == lvl.shape[i]:
+            coords["c"] = info.channel_names
+    attrs = {"path": info.path, "level": level, "ngff_version": info.version,
+             "scale": lvl.scale, "translation": lvl.translation}
+    return xr.DataArray(data, dims=info.axis_names, coords=coords, attrs=attrs, name=info.name)
+
+
+def _open_group(path) -> zarr.Group:
+    p = str(path)
+    if "://" not in p:
+        if not os.path.exists(p):
+            raise UserError(f"{p} does not exist; check the path")
+        if not os.path.isdir(p):
+            raise UserError(f"{p} is a file, not an OME-Zarr directory; convert TIFFs with 'volrestore convert'")
+    try:
+        return zarr.open_group(p, mode="r")
+    except zarr.errors.ContainsArrayError:
+        raise UserError(f"{p} is a plain Zarr array, not an OME-Zarr image; give the image group above it") from None
+    except Exception as exc:  # zarr raises several types for "no group here"
+        raise UserError(f"{p} is not an OME-Zarr image ({error_summary(exc)}); give an OME-Zarr (.ome.zarr) directory") from None
+
+
+def _parse_axis(a) -> Axis:
+    if isinstance(a, str):  # a bare name, accepted by create_image for convenience
+        return Axis(a, AXIS_TYPES.get(a))
+    return Axis(str(a["name"]), a.get("type"), a.get("unit"))
+
+
+def _parse_transforms(transforms, ndim) -> tuple[list[float] | None, list[float] | None]:
+    if transforms is None:
+        return None, None
+    scale, translation = None, [0.0] * ndim
+    for t in transforms:
+        if t["type"] == "scale":
+            scale = [float(v) for v in t["scale"]]
+        elif t["type"] == "translation":
+            translation = [float(v) for v in t["translation"]]
+        elif t["type"] != "identity":
+            raise ValueError(f"unsupported transformation type {t['type']!r}")
+    if scale is None or len(scale) != ndim or len(translation) != ndim:
+        raise ValueError(f"scale/translation must have {ndim} values")
+    return scale, translation
+
+
+def _check_axes(names: Sequence[str], where) -> None:
+    """Supported layouts: any subset of t,c,z,y,x in that order that includes y and x."""
+    ordered = [a for a in AXIS_ORDER if a in names]
+    if list(names) != ordered or len(set(names)) != len(names) or not {"y", "x"} <= set(names):
+        raise UserError(
+            f"{where}: axes {','.join(names)} are not supported; use a subset of t,c,z,y,x in that order with y and x"
+        )
+
+
+def error_summary(exc: BaseException) -> str:
+    """The first line of an exception's message, for embedding in a one-line UserError."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, KeyError) else text
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def make_provenance(parameters: dict | None = None, command: str | None = None) -> dict:
+    """A provenance record for attrs["volrestore"]; `complete` stays False until set_complete."""
+    return {
+        "version": __version__,
+        "command": command or " ".join(["volrestore", *sys.argv[1:]]),
+        "parameters": dict(parameters or {}),
+        "complete": False,
+    }
+
+
+def check_output_path(out, inputs: Iterable = (), overwrite: bool = False) -> None:
+    """Refuse an output that exists (unless overwrite), equals or sits inside an input, or contains an input."""
+    out_p = Path(out).expanduser().resolve()
+    for inp in inputs:
+        in_p = Path(inp).expanduser().resolve()
+        if out_p == in_p or in_p in out_p.parents:
+            raise UserError(f"output {out} is inside or equal to input {inp}; choose an output outside the input")
+        if overwrite and out_p in in_p.parents:
+            raise UserError(f"output {out} contains input {inp}; overwriting would delete it, choose another output")
+    if out_p.exists() or out_p.is_symlink():
+        if not overwrite:
+            raise UserError(f"output {out} already exists; choose another path or pass --overwrite")
+        if out_p.is_file() or (any(out_p.iterdir()) and not _looks_like_zarr(out_p)):
+            raise UserError(f"output {out} exists and is not a Zarr store; refusing to overwrite it, remove it yourself")
+
+
+def _looks_like_zarr(p: Path) -> bool:
+    return any((p / name).exists() for name in ("zarr.json", ".zgroup", ".zarray", ".zattrs"))
+
+
+def level_factors(shape, axes, scale) -> tuple[int, ...]:
+    """Per-axis downsampling factor from one level to the next (2 or 1).
+
+    y and x halve; z halves only while its physical scale stays <= the new lateral scale, so anisotropic stacks
+    first become isotropic; axes of size 1 and t/c never change.
+    """
+    names = [_axis_name(a) for a in axes]
+    lateral = min(scale[i] * 2 for i, n in enumerate(names) if n in "yx")
+    factors = []
+    for i, n in enumerate(names):
+        if n in "yx":
+            f = 2
+        elif n == "z":
+            f = 2 if scale[i] * 2 <= lateral * (1 + 1e-9) else 1
+        else:
+            f = 1
+        factors.append(f if shape[i] > 1 else 1)
+    return tuple(factors)
+
+
+def pyramid_levels(shape, axes, scale, translation, n_levels):
+    """(shape, scale, translation) of each level; translations keep voxel centres of the mean-downsampling."""
+    out = [(tuple(shape), list(scale), list(translation))]
+    for _ in range(n_levels - 1):
+        shp, scl, trn = out[-1]
+        f = level_factors(shp, axes, scl)
+        out.append((
+            tuple(-(-n // k) for n, k in zip(shp, f)),
+            [s * k for s, k in zip(scl, f)],
+            [t + (k - 1) / 2 * s for t, s, k in zip(trn, scl, f)],
+        ))
+    return out
+
+
+def auto_levels(shape, axes, min_side: int = 64) -> int:
+    """Default pyramid depth: halve until the smallest lateral (y, x) side is below min_side."""
+    names = [_axis_name(a) for a in axes]
+    side = min(shape[names.index("y")], shape[names.index("x")])
+    n = 1
+    while side >= min_side:
+        side, n = -(-side // 2), n + 1
+    return n
+
+
+def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, shards=None, version="0.5",
+                 n_levels=1, channel_names=None, provenance=None, overwrite=False, fill_value=0) -> zarr.Group:
+    """Create an empty OME-Zarr image with metadata for all n_levels; provenance is stored with complete=False.
+
+    Everything is validated before anything is written. `axes` are Axis objects, NGFF dicts or names.
+    """
+    axes = [a if isinstance(a, Axis) else _parse_axis(a) for a in axes]
+    axes = [Axis(a.name, a.type or AXIS_TYPES.get(a.name), a.unit) for a in axes]
+    names = [a.name for a in axes]
+    ndim = len(axes)
+    _check_axes(names, "create_image")
+    version = str(version)
+    if version not in VERSIONS:
+        raise UserError(f"NGFF version {version} is not supported; use 0.5 or 0.4")
+    shape, chunks = _int_tuple(shape, ndim, "shape"), _int_tuple(chunks, ndim, "chunks")
+    translation = [0.0] * ndim if translation is None else [float(t) for t in translation]
+    scale = [float(s) for s in scale]
+    if len(scale) != ndim or len(translation) != ndim or any(not s > 0 for s in scale):
+        raise UserError(f"scale and translation need {ndim} values (scale > 0); got {scale} and {translation}")
+    if any(n < 1 for n in shape) or any(c < 1 for c in chunks):
+        raise UserError(f"shape {shape} and chunks {chunks} must be positive")
+    if shards is not None:
+        if version != "0.5":
+            raise UserError("sharding needs NGFF 0.5 (zarr v3); drop the shards option or use --ngff 0.5")
+        shards = _int_tuple(shards, ndim, "shards")
+        if any(s % c for s, c in zip(shards, chunks)):
+            raise UserError(f"shards {shards} must be whole multiples of chunks {chunks}; adjust --shards")
+    for a in axes:
+        if a.unit is not None and a.unit not in (SPACE_UNITS if a.type == "space" else TIME_UNITS):
+            raise UserError(f"unit {a.unit!r} of axis {a.name} is not an NGFF unit; use e.g. micrometer or second")
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.number):
+        raise UserError(f"data type {dtype} is not numeric; choose e.g. uint16 or float32")
+    if channel_names is not None:
+        channel_names = [str(c) for c in channel_names]
+        if "c" not in names or len(channel_names) != shape[names.index("c")]:
+            raise UserError(f"{len(channel_names)} channel names given for shape {shape}; give one per channel")
+    n_levels = int(n_levels)
+    if n_levels < 1:
+        raise UserError("the number of pyramid levels must be at least 1")
+    check_output_path(path, overwrite=overwrite)
+
+    levels = pyramid_levels(shape, axes, scale, translation, n_levels)
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": scl}, {"type": "translation", "translation": trn}]}
+        for i, (_, scl, trn) in enumerate(levels)
+    ]
+    multiscale = {"axes": [a.to_ngff() for a in axes], "datasets": datasets, "name": Path(str(path)).name,
+                  "type": "mean", "metadata": {"method": "volrestore.ngff.build_pyramid", "version": __version__}}
+    ome: dict[str, Any] = {"multiscales": [multiscale]}
+    if channel_names is not None:
+        ome["omero"] = _omero(channel_names, dtype)
+    prov = {**make_provenance(), **(provenance or {}), "complete": False}
+    if version == "0.5":
+        attrs = {"ome": {"version": "0.5", **ome}, "volrestore": prov}
+    else:
+        multiscale["version"] = "0.4"
+        attrs = {**ome, "volrestore": prov}
+
+    if Path(path).exists():  # overwrite was allowed and checked above
+        shutil.rmtree(path) if Path(path).is_dir() else os.remove(path)
+    zarr_format = 3 if version == "0.5" else 2
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    for i, (shp, _, _) in enumerate(levels):
+        lchunks = tuple(min(c, n) for c, n in zip(chunks, shp))
+        kwargs: dict[str, Any] = {}
+        if version == "0.5":
+            kwargs["dimension_names"] = names
+            if shards is not None:
+                # keep shards a multiple of the (clipped) chunks but no larger than the level needs
+                kwargs["shards"] = tuple(min(s, -(-n // c) * c) // c * c for s, c, n in zip(shards, lchunks, shp))
+        else:
+            kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # NGFF 0.4 requires "/"
+        group.create_array(str(i), shape=shp, dtype=dtype, chunks=lchunks, fill_value=fill_value, **kwargs)
+    group.attrs.update(attrs)
+    return group
+
+
+def create_like(info, path, *, dtype=None, chunks=None, shards=None, version=None, n_levels=None,
+                provenance=None, overwrite=False) -> zarr.Group:
+    """Create an output with the axes, units, scale, translation and channel names of `info` (ImageInfo or path).
+
+    shards=None inherits the input's sharding when the output is NGFF 0.5; shards=False turns sharding off.
+    """
+    info = info if isinstance(info, ImageInfo) else read_info(info)
+    lvl = info.levels[0]
+    version = str(version or info.version)
+    if shards is None:
+        shards = lvl.shards if version == "0.5" else None
+    return create_image(
+        path, shape=lvl.shape, dtype=dtype or lvl.dtype, axes=info.axes, scale=lvl.scale,
+        translation=lvl.translation, chunks=chunks or lvl.chunks, shards=shards or None, version=version,
+        n_levels=n_levels or len(info.levels), channel_names=info.channel_names, provenance=provenance,
+        overwrite=overwrite,
+    )
+
+
+def set_complete(path, complete: bool = True, extra: dict | None = None) -> None:
+    """Flip attrs["volrestore"]["complete"] (call only after the last chunk is written); merge `extra` in."""
+    group = zarr.open_group(str(path), mode="r+")
+    prov = dict(group.attrs.get("volrestore") or make_provenance())
+    prov.update(extra or {})
+    prov["complete"] = bool(complete)
+    group.attrs["volrestore"] = prov
+
+
+def _omero(channel_names, dtype) -> dict:
+    lo, hi = (np.iinfo(dtype).min, np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
+    window = {"min": float(lo), "max": float(hi), "start": float(lo), "end": float(hi)}
+    return {"channels": [{"label": n, "color": "FFFFFF", "active": True, "window": window} for n in channel_names],
+            "rdefs": {"model": "greyscale"}}
+
+
+def _int_tuple(values, ndim, what) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if len(values) != ndim:
+        raise UserError(f"{what} needs {ndim} values (one per axis); got {list(values)}")
+    return values
+
+
+def _axis_name(a) -> str:
+    return a if isinstance(a, str) else a.name if isinstance(a, Axis) else a["name"]
+
+
+# ----------------------------------------------------------------------------------------------- pyramid
+
+
+def build_pyramid(path, client=None, window: int | None = None) -> None:
+    """Fill levels 1..n-1 from level 0, level by level.
+
+    One task per write-block (shard, else chunk) of level i+1: it reads the matching region of level i, takes
+    the mean over the factor-2 blocks and writes whole chunks, so no two tasks touch the same chunk. Tasks are
+    submitted in bounded waves (`window` in flight) so huge volumes never build a huge graph.
+    """
+    info = read_info(path)
+    for i in range(len(info.levels) - 1):
+        src, dst = info.levels[i], info.levels[i + 1]
+        factors = tuple(max(1, round(d / s)) for d, s in zip(dst.scale, src.scale))
+        block = dst.shards or dst.chunks
+        grid = [range(-(-n // b)) for n, b in zip(dst.shape, block)]
+        items = ((str(path), src.path, dst.path, idx, block, factors) for idx in np.ndindex(*map(len, grid)))
+        _run_bounded(_downsample_block, items, client, window)
+
+
+def _downsample_block(path, src_path, dst_path, index, block, factors) -> None:
+    group = zarr.open_group(path, mode="r+")
+    src, dst = group[src_path], group[dst_path]
+    dsl = tuple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block, dst.shape))
+    out = np.empty([s.stop - s.start for s in dsl], dst.dtype)
+    # fill the block piece by piece, each piece reading about one source chunk, so a task holds one output
+    # block plus one source chunk rather than the 2^d-times larger source region
+    piece = [c // f if c % f == 0 else n for c, f, n in zip(src.chunks, factors, out.shape)]
+    for p in np.ndindex(*[-(-n // s) for n, s in zip(out.shape, piece)]):
+        local = tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(p, piece, out.shape))
+        ssl = tuple(slice((d.start + o.start) * f, min((d.start + o.stop) * f, n))
+                    for d, o, f, n in zip(dsl, local, factors, src.shape))
+        out[local] = downsample_mean(src[ssl], factors, tuple(o.stop - o.start for o in local), dst.dtype)
+    dst[dsl] = out
+
+
+def downsample_mean(data: np.ndarray, factors, out_shape, dtype) -> np.ndarray:
+    """Mean over factor-sized blocks; at odd edges over the voxels present. Integers are rounded and clipped."""
+    dtype = np.dtype(dtype)
+    # float32 sums of <= 8 values of <= 16-bit integers are exact, so they give the float64 result in half the memory
+    small_int = np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2 and data.dtype.itemsize <= 2
+    acc = np.zeros(out_shape, np.float32 if small_int else np.float64)
+    for offset in np.ndindex(*factors):  # strided views: no copy of the source block
+        view = data[tuple(slice(o, None, f) for o, f in zip(offset, factors))]
+        acc[tuple(slice(0, n) for n in view.shape)] += view
+    for i, (f, n) in enumerate(zip(factors, out_shape)):  # divide by the voxels present, axis by axis
+        if f > 1:
+            count = np.array([len(range(o, data.shape[i], f)) for o in range(f)])
+            per = np.array([(count > k).sum() for k in range(n)], acc.dtype)
+            acc /= per.reshape([-1 if j == i else 1 for j in range(acc.ndim)])
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        np.rint(acc, out=acc)
+        np.clip(acc, info.min, info.max, out=acc)
+    return acc.astype(dtype)
+
+
+def _run_bounded(fn, items, client=None, window=None) -> None:
+    """Run fn(*item) for every item with at most `window` tasks in flight, locally (threads) or on a client."""
+    if client is not None:
+        from distributed import wait
+
+        window = window or 4 * max(1, sum(client.nthreads().values()))
+        submit, waiter, executor = (lambda a: client.submit(fn, *a, pure=False)), wait, None
+    else:
+        executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        window = window or 4 * (os.cpu_count() or 1)
+        submit, waiter = (lambda a: executor.submit(fn, *a)), _thread_wait
+    pending = set()
+    try:
+        for item in items:
+            pending.add(submit(item))
+            if len(pending) >= window:
+                done, pending = waiter(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # re-raise task errors early
+        for f in waiter(pending).done:
+            f.result()
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
