@@ -31,3 +31,256 @@ def command_line() -> str:
 
 
 # Commands are added below, one block per stage; keep each thin and call the Python API.
+
+
+@main.group("cluster")
+def cluster_group():
+    """Inspect cluster configurations before using them with --cluster."""
+
+
+@cluster_group.command("job-script")
+@click.argument("config", type=click.Path(dir_okay=False))
+def cluster_job_script(config):
+    """Print the batch script dask-jobqueue would submit for CONFIG (a jobqueue YAML), without submitting it."""
+    from .jobqueue import job_script
+
+    click.echo(job_script(config), nl=False)
+
+
+# --- ngff / convert: OME-Zarr inspection and TIFF conversion -------------------------------------------------
+
+
+@main.command("info")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def info_cmd(path, as_json):
+    """Show an OME-Zarr image: NGFF version, axes, pyramid levels, channels, provenance."""
+    import json
+
+    from .ngff import read_info
+
+    info = read_info(path)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_info(info)
+
+
+@main.command("convert")
+@click.argument("src")
+@click.argument("out")
+@click.option("--voxel-size", nargs=3, type=float, default=None, metavar="Z Y X",
+              help="Voxel size (overrides the TIFF metadata); in --unit, micrometer by default.")
+@click.option("--unit", default=None, help="Length unit of the output (NGFF name, e.g. micrometer, nanometer).")
+@click.option("--chunks", nargs=3, type=int, default=None, metavar="Z Y X", help="Chunk shape [64 256 256].")
+@click.option("--shards", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Shard shape (NGFF 0.5 only), a multiple of --chunks.")
+@click.option("--ngff", "version", type=click.Choice(["0.5", "0.4"]), default="0.5", show_default=True,
+              help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).")
+@click.option("--levels", type=click.IntRange(min=1), default=None,
+              help="Pyramid levels [until the smallest lateral side is below 64].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert_cmd(src, out, voxel_size, unit, chunks, shards, version, levels, overwrite):
+    """Convert a TIFF / OME-TIFF / ImageJ TIFF stack SRC into the OME-Zarr image OUT, streaming plane by plane."""
+    from .convert import convert
+
+    info = convert(src, out, voxel_size=voxel_size, unit=unit, chunks=chunks, shards=shards, version=version,
+                   n_levels=levels, overwrite=overwrite, progress=sys.stderr.isatty(), command=command_line())
+    _print_info(info)
+
+
+def _print_info(info):
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(values, sep=", "):
+        return "—" if values is None else sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    console = Console()
+    complete = {True: "yes", False: "no (incomplete)", None: "unknown (not written by volrestore)"}[info.complete]
+    console.print(f"[bold]{info.path}[/bold]  NGFF {info.version}  complete: {complete}")
+    axes = Table("axis", "type", "unit", title="axes", title_justify="left")
+    for a in info.axes:
+        axes.add_row(a.name, a.type or "—", a.unit or "—")
+    console.print(axes)
+    levels = Table("level", "shape", "dtype", "chunks", "shards", "scale", "translation", title="levels",
+                   title_justify="left")
+    for i, lvl in enumerate(info.levels):
+        levels.add_row(f"{i} ({lvl.path})", fmt(lvl.shape, "×"), lvl.dtype, fmt(lvl.chunks, "×"), fmt(lvl.shards, "×"),
+                       fmt(lvl.scale), fmt(lvl.translation))
+    console.print(levels)
+    if info.channel_names:
+        console.print("channels: " + ", ".join(info.channel_names))
+    if info.provenance:
+        console.print(f"written by volrestore {info.provenance.get('version')}: {info.provenance.get('command')}")
+
+
+@main.command("restore")
+@click.argument("src", metavar="IN")
+@click.argument("out", metavar="OUT")
+@click.option("--model", default="identity", show_default=True,
+              help="identity | gaussian[:sigma=1] | randcnn[:k=v] | default | CHECKPOINT.pt; options as NAME:k=v,...")
+@click.option("--level", default=0, show_default=True, help="Input pyramid level to restore (0 = full resolution).")
+@click.option("--tile", nargs=3, type=int, default=None, metavar="Z Y X", help="Tile size (default: the model's).")
+@click.option("--overlap", type=int, default=None, help="Overlap between neighbouring tiles, voxels per side.")
+@click.option("--batch", default=4, show_default=True, help="Tiles per restorer call.")
+@click.option("--seed", default=0, show_default=True, help="Seed of all noise (results never depend on workers).")
+@click.option("--cluster", default="local", show_default=True, help="local | tcp://host:port")
+@click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, skipping finished blocks.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--mask", default=None, metavar="MASK", help="Foreground mask image; blocks without foreground are 0.")
+@click.option("--dtype", type=click.Choice(["float32", "input"]), default="float32", show_default=True,
+              help="Output data type: float32, or the input's (rounded and clipped).")
+@click.option("--nan", type=click.Choice(["error", "fill"]), default="error", show_default=True,
+              help="NaN/Inf in the input: refuse, or use 0 there.")
+@click.option("--chunks", nargs=3, type=int, default=None, metavar="Z Y X", help="Output chunks (default: input's).")
+@click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Write-block per task, a multiple of the output chunks (default: ~4 tile strides).")
+@click.option("--samples", type=int, default=None, help="Model option: samples averaged per tile (diffusion).")
+@click.option("--sampler", default=None, help="Model option: sampler (diffusion).")
+@click.option("--steps", type=int, default=None, help="Model option: sampler steps (diffusion).")
+@click.option("--std", is_flag=True, default=None, help="Model option: also write the per-voxel std of the samples.")
+def restore_command(src, out, tile, chunks, block, **kwargs):
+    """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""
+    from .engine import restore
+
+    def spatial(values):  # nargs=3 options; the engine also takes 2 values for y x images
+        return list(values) if values else None
+
+    kwargs["std"] = kwargs["std"] or None  # an unset flag is not a model option (simple models reject it)
+    restore(src, out, tile=spatial(tile), chunks=spatial(chunks), block=spatial(block),
+            progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
+
+
+def _print_json(data):
+    import json
+
+    click.echo(json.dumps(data, indent=2, default=float))
+
+
+@main.command("evaluate")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--compare", is_flag=True, help="IMAGES are several methods; compare them against --reference.")
+@click.option("--reference", type=click.Path(), default=None, help="Reference image for --compare.")
+@click.option("--input", "raw", type=click.Path(), default=None,
+              help="No reference: the degraded input that IMAGE was restored from (residual checks).")
+@click.option("--mask", type=click.Path(), default=None, help="Evaluate only where this mask image is > 0.")
+@click.option("--std", "std", type=click.Path(), default=None, help="Per-voxel std image: uncertainty calibration.")
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to evaluate.")
+@click.option("--range", "mode", type=click.Choice(["percentile", "raw"]), default="percentile", show_default=True,
+              help="Data range rule: reference 0.1–99.9 percentiles mapped to [0, 1], or its raw min–max.")
+@click.option("--metric", type=click.Choice(["psnr", "ssim", "ms_ssim"]), default="psnr", show_default=True,
+              help="Per-slice metric compared by --compare.")
+@click.option("--per-slice", "per_slice", type=click.Path(), default=None, help="Write per-slice metrics as CSV.")
+@click.option("--figure", type=click.Path(), default=None, help="Write a PNG (box/violin plot, or reliability plot).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric, per_slice, figure, as_json):
+    """Measure restored IMAGES: `PRED REF`, `--compare A B ... --reference REF`, or `PRED --input RAW`."""
+    from pathlib import Path
+
+    from . import evaluate as ev
+    from . import figures
+
+    for path in (figure, per_slice):
+        if path:
+            figures.check_writable(path)
+    if compare:
+        if reference is None:
+            raise UserError("--compare needs --reference REF; give the ground-truth image")
+        names = [Path(p).name.replace(".ome.zarr", "").replace(".zarr", "") for p in images]
+        result = ev.compare(dict(zip(names, images)), reference, level=level, metric=metric, mode=mode)
+        if figure:
+            figures.comparison_boxplot(result["samples"], metric, figure, result["moods_test"])
+        if as_json:
+            return _print_json(result)
+        _print_comparison(result)
+        return
+    if raw is not None:
+        if len(images) != 1:
+            raise UserError("with --input give exactly one restored image")
+        result = ev.no_reference(images[0], raw, level=level)
+        return _print_json(result) if as_json else _print_mapping(result)
+    if len(images) != 2:
+        raise UserError("give PRED and REF (or --compare A B ... --reference REF, or PRED --input RAW)")
+    result = ev.evaluate(images[0], images[1], mask=mask, level=level, mode=mode, std=std, per_slice_csv=per_slice)
+    if figure:
+        if std:
+            predicted, observed = ev.reliability(images[0], std, images[1], level=level)
+            figures.reliability_plot(predicted, observed, figure)
+        else:
+            samples = {"slices": [r["psnr"] for r in result["slices"]]}
+            figures.comparison_boxplot(samples, "psnr", figure)
+    result.pop("slices")
+    return _print_json(result) if as_json else _print_mapping(result)
+
+
+def _print_mapping(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("quantity", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _print_comparison(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table("method", "PSNR (dB)", "SSIM 3D", f"median per-slice {result['metric']}")
+    for name, s in result["summary"].items():
+        ssim3d = "—" if s.get("ssim_3d") is None else f"{s['ssim_3d']:.4f}"
+        table.add_row(name, f"{s['psnr']:.2f}", ssim3d, f"{s.get('slice_' + result['metric'] + '_median', float('nan')):.4f}")
+    console.print(table)
+    tests = Table("A", "B", "median A", "median B", "Mood's p", title="Mood's median test")
+    for r in result["moods_test"]:
+        tests.add_row(r["a"], r["b"], f"{r['median_a']:.4f}", f"{r['median_b']:.4f}", f"{r['p_value']:.3g}")
+    console.print(tests)
+
+
+@main.command("figure")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="PNG to write.")
+@click.option("--view", type=click.Choice(["slices", "ortho", "mip"]), default="slices", show_default=True)
+@click.option("--z", type=int, default=None, help="z plane for --view slices [centre].")
+@click.option("--level", type=int, default=0, show_default=True)
+@click.option("--zoom", nargs=4, type=int, default=None, metavar="Y0 Y1 X0 X1", help="Add a zoomed inset row.")
+@click.option("--titles", default=None, help="Comma-separated panel titles [image names].")
+def figure_cmd(images, out, view, z, level, zoom, titles):
+    """Draw IMAGES side by side with the same contrast limits and a scale bar."""
+    from .figures import panels
+
+    path = panels(list(images), out, level=level, view=view, z=z, zoom=zoom,
+                  titles=titles.split(",") if titles else None)
+    click.echo(f"wrote {path}")
+
+
+@main.command("view")
+@click.argument("path", type=click.Path())
+@click.option("--serve", "force_serve", is_flag=True, help="Serve over HTTP even when napari is installed.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port for the local HTTP server (0: any).")
+def view_cmd(path, force_serve, port):
+    """Open PATH in napari, or serve it on localhost with links for neuroglancer and vizarr."""
+    from . import ngff
+    from .view import open_in_napari, serve
+
+    ngff.read_info(path)
+    if not force_serve and open_in_napari(path):
+        return
+    try:
+        server, links = serve(path, port=port)
+    except OSError as exc:
+        raise UserError(f"cannot listen on port {port}: {exc.strerror}; choose another --port") from None
+    click.echo(f"serving {links['url']} (Ctrl-C to stop)")
+    click.echo(f"neuroglancer: {links['neuroglancer']}")
+    click.echo(f"vizarr:       {links['vizarr']}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+

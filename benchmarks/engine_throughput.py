@@ -1,0 +1,145 @@
+"""Restore-engine throughput and memory on this machine (a benchmark, not a test).
+
+Reports, in one run:
+1. pipeline efficiency for randcnn (torch, compute-dominated): output voxels/s of `restore` on 1 worker ÷ output
+   voxels/s of the bare restorer over the same grid tiles once each, measured in that same worker process (1 torch
+   thread) just before and just after the pipeline run, so both see the same machine load; the tile recompute
+   factor (tiles straddling write-blocks are computed by each block) is printed next to it;
+2. 2-worker ÷ 1-worker throughput of the same run;
+3. peak worker RSS (ru_maxrss) for a 64³ and a 1024³ uint16 volume written chunk by chunk (identity restorer,
+   64³ chunks = write-blocks, so 4096 blocks pass through the bounded submission window; to keep the run short a
+   1/16-resolution mask limits restoring to one octant, 512 blocks, the other 3584 are counted empty).
+
+    python benchmarks/engine_throughput.py [--big 1024] [--width 24] [--workdir /tmp/vr-bench]
+"""
+
+import argparse
+import os
+import itertools
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from volrestore import engine, ngff, restorers
+from volrestore.cluster import make_client
+from volrestore.grid import Grid
+
+
+def make_input(path, shape, chunks, dtype, fill, scale=1.0):
+    """Create an OME-Zarr image and fill it chunk by chunk (never the whole volume in memory)."""
+    ngff.create_image(path, shape=shape, dtype=dtype, axes=["z", "y", "x"], scale=[scale] * 3, chunks=chunks,
+                      translation=[(scale - 1) / 2] * 3, overwrite=True)  # voxel centres as in a pyramid level
+    arr = ngff.open_level(path, 0, mode="r+")
+    for idx in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks))):
+        sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, shape))
+        arr[sl] = fill(sl)
+    ngff.set_complete(path)
+    return str(path)
+
+
+def run(src, out, workers, bare=None, **kw):
+    """restore() on a fresh local cluster; with bare=(args), also the bare restorer before and after, on the worker."""
+    client = make_client("local", workers=workers)
+    try:
+        before = client.submit(bare_throughput, *bare, pure=False).result() if bare else None
+        summary = engine.restore(src, out, cluster=client, overwrite=True, progress=False, echo=lambda *_: None, **kw)
+        after = client.submit(bare_throughput, *bare, pure=False).result() if bare else None
+        rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    finally:
+        client.close()
+        client.volrestore_cluster.close()
+    return summary, max(rss.values()) / 1024, (before, after)  # RSS in MiB (Linux reports KiB)
+
+
+def bare_throughput(src, model, tile, overlap, batch):
+    """Voxels/s of the restorer alone over every grid tile once (run on a worker: 1 torch thread, cached model)."""
+    data = ngff.open_level(src)[...].astype(np.float32)
+    spec = restorers.resolve(model)
+    r = spec.build()
+    grid = Grid.build(data.shape, tile, [overlap] * 3, [spec.size_multiple] * 3)
+    tiles = list(itertools.product(*map(range, grid.counts)))
+    r(np.stack([data[:tile[0], :tile[1], :tile[2]]] * batch), [(0, 0, 0)] * batch, 0)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(tiles), batch):
+        chunk = tiles[i:i + batch]
+        idx = [np.ix_(*(ax.tile_index(k, 0) for ax, k in zip(grid.axes, t))) for t in chunk]
+        batch_data = np.stack([data[ix] for ix in idx] + [data[idx[-1]]] * (batch - len(chunk)))
+        origins = [tuple(ax.start(k) for ax, k in zip(grid.axes, t)) for t in chunk]
+        r(batch_data, origins + [origins[-1]] * (batch - len(chunk)), 0)
+    return data.size / (time.perf_counter() - t0), len(tiles)
+
+
+def recompute_factor(shape, tile, overlap, block, multiple):
+    grid = Grid.build(shape, tile, [overlap] * 3, [multiple] * 3)
+    calls = 0
+    for idx in itertools.product(*(range(-(-n // b)) for n, b in zip(shape, block))):
+        lo = [i * b for i, b in zip(idx, block)]
+        hi = [min(l + b, n) for l, b, n in zip(lo, block, shape)]
+        calls += np.prod([len(r) for r in grid.tiles_touching(lo, hi)])
+    return calls / grid.n_tiles
+
+
+def _octant(sl, m):
+    z, y, x = np.meshgrid(*(np.arange(s.start, s.stop) for s in sl), indexing="ij")
+    return ((z < m // 2) & (y < m // 2) & (x < m // 2)).astype(np.uint8)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/vr-bench")
+    ap.add_argument("--big", type=int, default=1024, help="side of the big volume for the RSS comparison")
+    ap.add_argument("--width", type=int, default=24, help="randcnn width (compute per voxel)")
+    ap.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256])
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    # 1 + 2: randcnn efficiency and scaling
+    shape, tile, overlap, batch = tuple(args.shape), [32, 32, 32], 4, 4
+    rng = np.random.default_rng(0)
+    src = make_input(work / "rc.ome.zarr", shape, (32, 64, 64), "float32",
+                     lambda sl: rng.random(tuple(s.stop - s.start for s in sl), dtype=np.float32))
+    opts = dict(model=f"randcnn:width={args.width}", tile=tile, overlap=overlap, batch=batch)
+    s1, _, ((bare0, n_tiles), (bare1, _)) = run(src, work / "o1.ome.zarr", 1,
+                                                 bare=(src, opts["model"], tile, overlap, batch), **opts)
+    s2, _, _ = run(src, work / "o2.ome.zarr", 2, **opts)
+    block = ngff.read_info(work / "o1.ome.zarr").provenance["parameters"]["block"]
+    bare = (bare0 + bare1) / 2
+    factor = recompute_factor(shape, tile, overlap, block, 2)
+    print(f"randcnn width {args.width}, volume {shape}, tile {tile}, overlap {overlap}, batch {batch}, "
+          f"write-block {block}, {n_tiles} grid tiles")
+    print(f"  bare restorer      : {bare:,.0f} voxels/s (before {bare0:,.0f}, after {bare1:,.0f}; same worker)")
+    print(f"  pipeline, 1 worker : {s1['voxels_per_s']:,.0f} voxels/s -> efficiency {s1['voxels_per_s'] / bare:.3f} "
+          f"(tile recompute factor {factor:.3f}; efficiency x factor = {s1['voxels_per_s'] / bare * factor:.3f})")
+    print(f"  pipeline, 2 workers: {s2['voxels_per_s']:,.0f} voxels/s -> 2/1 worker ratio "
+          f"{s2['voxels_per_s'] / s1['voxels_per_s']:.3f}")
+
+    # 3: peak worker RSS, small vs big volume, same chunks/blocks/tiles
+    results = {}
+    sides = (64, 256, args.big)  # 256³: a middle point shows whether RSS plateaus after the first blocks
+    for side in sides:
+        big = make_input(work / f"v{side}.ome.zarr", (side,) * 3, (64,) * 3, "uint16",
+                         lambda sl: np.full(tuple(s.stop - s.start for s in sl), sl[0].start % 997, np.uint16))
+        mask = None
+        if side > 64:
+            m = side // 16
+            mask = make_input(work / "mask.ome.zarr", (m,) * 3, (m,) * 3, "uint8", lambda sl: _octant(sl, m), 16.0)
+        t0 = time.perf_counter()
+        summary, rss, _ = run(big, work / f"r{side}.ome.zarr", 2, model="identity", tile=[64, 64, 64], overlap=8,
+                           block=[64, 64, 64], dtype="input", mask=mask)
+        results[side] = rss
+        print(f"  {side}^3 identity: {summary['blocks']} blocks ({summary['empty']} empty by mask), {summary['voxels_per_s']:,.0f} voxels/s, "
+              f"peak worker RSS {rss:.0f} MiB ({time.perf_counter() - t0:.0f} s)")
+        shutil.rmtree(work / f"v{side}.ome.zarr")
+        shutil.rmtree(work / f"r{side}.ome.zarr")
+    print(f"  load average during the run: {os.getloadavg()}")
+    print(f"  peak worker RSS ratio {args.big}^3 / 64^3 = {results[args.big] / results[64]:.3f}, "
+          f"{args.big}^3 / 256^3 = {results[args.big] / results[256]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
