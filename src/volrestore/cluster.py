@@ -1,4 +1,4 @@
-"""Turn --cluster (local, tcp://host:port; cuda and jobqueue YAML hook in here) into a distributed.Client."""
+"""Turn --cluster (local, cuda, tcp://host:port, a jobqueue YAML) into a distributed.Client; GPU task resources."""
 
 from __future__ import annotations
 
@@ -25,32 +25,35 @@ def make_client(spec="local", workers: int | None = None, threads_per_worker: in
     """A connected Client for the spec; the caller closes it (and `client.volrestore_cluster`, if set).
 
     local        : a LocalCluster of worker processes sized to the machine, `threads_per_worker` each, with
-                   OMP/MKL/OpenBLAS threads set to match before the workers spawn (so torch uses them too).
+                   OMP/MKL/OpenBLAS threads set to match before the workers spawn (so torch uses them too),
+                   unless OMP_NUM_THREADS is already set.
+    cuda         : dask-cuda's LocalCUDACluster: one worker per visible GPU, pinned with CUDA_VISIBLE_DEVICES,
+                   advertising the resource GPU=1 that model tasks require.
     tcp://h:port : an existing scheduler; UserError when it cannot be reached within CONNECT_TIMEOUT_S.
+    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.jobqueue).
     """
     from distributed import Client
 
     if not isinstance(spec, str):
-        raise UserError(f"--cluster must be local or tcp://host:port, got {spec!r}")
+        raise UserError(f"--cluster must be local, cuda, tcp://host:port or a jobqueue YAML, got {spec!r}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if spec == "local":
         from distributed import LocalCluster
 
         n = workers or max(1, machine_cores() // threads_per_worker)
-        threads = str(threads_per_worker)
-        env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        config = {
-            "distributed.nanny.pre-spawn-environ": {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env},
-            "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
-        }
-        with dask.config.set(config):  # read by the scheduler and nannies as they start
+        with dask.config.set(_worker_config(threads_per_worker)):  # read by the scheduler and nannies as they start
             cluster = LocalCluster(
                 n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
             )
-        client = Client(cluster)
-        client.volrestore_cluster = cluster
-        return client
+        return _client_for(cluster)
+    if spec == "cuda":
+        return _client_for(_cuda_cluster(workers), gpu=True)
+    from .jobqueue import is_jobqueue_spec, load_spec, make_cluster
+
+    if is_jobqueue_spec(spec):
+        with dask.config.set(_worker_config(threads_per_worker)):
+            return _client_for(make_cluster(spec), gpu=load_spec(spec).gpus > 0)
     if spec.startswith("tcp://"):
         try:
             return Client(spec, timeout=CONNECT_TIMEOUT_S)
@@ -59,8 +62,61 @@ def make_client(spec="local", workers: int | None = None, threads_per_worker: in
                 f"cannot reach the Dask scheduler at {spec} within {CONNECT_TIMEOUT_S}s ({type(exc).__name__}); "
                 "check the address and that the scheduler is running"
             ) from None
-    # Hook: "cuda" (dask-cuda LocalCUDACluster) and jobqueue YAML files are wired in by their own issue.
-    raise UserError(f"unknown --cluster {spec!r}; use local or tcp://host:port")
+    raise UserError(f"unknown --cluster {spec!r}; use local, cuda, tcp://host:port or a jobqueue YAML file")
+
+
+def _worker_config(threads_per_worker: int) -> dict:
+    """Dask config for clusters started here: BLAS/torch threads per worker process and bounded task failures."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(threads_per_worker)
+    env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    return {
+        "distributed.nanny.pre-spawn-environ": {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env},
+        "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+    }
+
+
+def _client_for(cluster, gpu=False):
+    from distributed import Client
+
+    client = Client(cluster)
+    client.volrestore_cluster = cluster
+    client.volrestore_gpu = gpu
+    return client
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install counts as no GPU
+        return 0
+
+
+def _cuda_cluster(workers):
+    if visible_gpus() == 0:
+        raise UserError("--cluster cuda: no GPU is visible to this process; use --cluster local to run on the CPU")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise UserError("--cluster cuda needs dask-cuda; install it with: pip install 'volrestore[gpu]'") from None
+    devices = None
+    if workers:
+        if workers > visible_gpus():
+            raise UserError(f"--workers {workers} but only {visible_gpus()} GPU(s) are visible; use at most that many")
+        devices = list(range(workers))
+    # Two threads per GPU worker: one runs the model while the other reads and decompresses the next block.
+    with dask.config.set(_worker_config(1)):
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=2, resources={"GPU": 1},
+                                dashboard_address=":0")
+
+
+def task_resources(client) -> dict | None:
+    """{"GPU": 1} when the cluster's workers advertise GPUs (model tasks then run one per GPU), else None."""
+    if getattr(client, "volrestore_gpu", False):  # GPU clusters started here, before their workers have joined
+        return {"GPU": 1}
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers.values()) else None
 
 
 @contextmanager

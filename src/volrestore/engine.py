@@ -19,7 +19,7 @@ import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import ngff, restorers
-from .cluster import connect
+from .cluster import connect, task_resources
 from .errors import UserError
 from .grid import Grid, validate_tile
 
@@ -106,7 +106,8 @@ def restore(input, output, model="identity", level=0, tile=None, overlap=None, b
             restored_vox += voxels if status == "restored" else 0
 
         t0 = time.perf_counter()
-        _run_blocks(client, _restore_block, (plan, spec), todo, total - skipped, "restoring", progress, tally)
+        _run_blocks(client, _restore_block, (plan, spec), todo, total - skipped, "restoring", progress, tally,
+                    resources=task_resources(client))
         seconds = time.perf_counter() - t0
         summary = {
             "blocks": total, "skipped": skipped, **counts, "seconds": round(seconds, 3),
@@ -287,7 +288,7 @@ def _done_blocks(plan):
 # ----------------------------------------------------------------------------------------------- running
 
 
-def _run_blocks(client, fn, args, blocks, total, what, progress, on_result):
+def _run_blocks(client, fn, args, blocks, total, what, progress, on_result, resources=None):
     """Run fn(*args, index) for every block with a bounded number in flight; on_result(index, result) as each ends.
 
     A block that still fails after TASK_RETRIES retries (or kills its worker ALLOWED_FAILURES times) stops the run
@@ -302,7 +303,7 @@ def _run_blocks(client, fn, args, blocks, total, what, progress, on_result):
 
     def submit(index):
         fut = client.submit(fn, *args, index, key=f"{fn.__name__}-{args[0].run}-{'.'.join(map(str, index))}",
-                            retries=TASK_RETRIES, pure=False)
+                            retries=TASK_RETRIES, pure=False, resources=resources)
         futures[fut] = index
         return fut
 
