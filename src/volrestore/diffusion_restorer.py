@@ -1,0 +1,132 @@
+"""The diffusion model as a Restorer: load a checkpoint once per worker, restore tiles as the mean (and std) of K
+samples."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import diffusion as dfn
+from . import noise
+from .errors import UserError
+from .restorers import Restorer, RestorerSpec
+from .train import Normalisation, load_checkpoint, model_from_checkpoint
+
+OPTIONS = {"samples": 1, "sampler": "dpmpp2m", "steps": None, "std": False, "device": "auto", "compile": False}
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("volrestore").joinpath("models", "default.pt")))
+
+
+def _model_path(name: str) -> Path:
+    path = default_model_path() if name == "default" else Path(name)
+    if not path.is_file():
+        raise UserError(f"model {name!r} not found" + (": this install ships no default model, pass --model CKPT.pt"
+                                                       if name == "default" else ": give an existing .pt checkpoint"))
+    return path
+
+
+def _check(objective: str, samples, sampler, steps, std):
+    if sampler not in dfn.SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(dfn.SAMPLERS)}")
+    whole = [isinstance(v, int) and v >= 1 for v in (samples, 1 if steps is None else steps)]
+    if not all(whole):
+        raise UserError(f"samples and steps must be whole numbers >= 1, got samples={samples!r}, steps={steps!r}")
+    if std and objective == "regression":
+        raise UserError("a regression model gives one deterministic answer and no std: drop --std or use a diffusion "
+                        "model")
+    if std and samples < 2:
+        raise UserError("std needs samples >= 2, e.g. --samples 4 --std")
+
+
+def resolve(name: str, **options) -> RestorerSpec:
+    """Validate a checkpoint ('default' or a .pt path) and options on the client; the spec carries the content hash so
+    a worker refuses a file that changed in between, and provenance names the exact model."""
+    options = {k: v for k, v in options.items() if v is not None}  # None = not given on the command line
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    path = _model_path(name)
+    ck = load_checkpoint(path)
+    _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
+    spatial_dims = int(ck["preset"]["spatial_dims"])
+    return RestorerSpec(
+        name=str(path),
+        options=tuple(sorted({**opts, "model_hash": ck["hash"]}.items())),
+        factory="volrestore.diffusion_restorer:DiffusionRestorer",
+        spatial_dims=spatial_dims,
+        size_multiple=2 ** (len(ck["preset"]["channels"]) - 1),
+        outputs=("mean", "std") if opts["std"] else ("mean",),
+        default_tile=256 if spatial_dims == 2 else 64,
+        default_overlap=32 if spatial_dims == 2 else 16,
+        volatile=("device", "compile"),
+    )
+
+
+class DiffusionRestorer(Restorer):
+    """K samples per tile from the conditional model (DDPM-avg): returns their mean and, with std, their per-voxel
+    standard deviation, in the training target's intensity units (equal to the input's for pairs made by degrade).
+
+    steps=None: the sampler's default (ancestral: all T steps as in the paper; DDIM / DPM-Solver++: 20).
+    Regression checkpoints run one pass and ignore samples/sampler/steps.
+    """
+
+    def __init__(self, checkpoint_path, samples: int = 1, sampler: str = "dpmpp2m", steps: int | None = None,
+                 std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None):
+        ck = load_checkpoint(checkpoint_path)
+        if model_hash is not None and ck["hash"] != model_hash:
+            raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
+        self.objective = ck["objective"]
+        _check(self.objective, samples, sampler, steps, std)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # a fixed thread count keeps results bitwise stable across runs
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.device = torch.device(device)
+        self.net = model_from_checkpoint(ck).to(self.device)
+        self.spatial_dims, self.size_multiple = self.net.spatial_dims, self.net.size_multiple
+        self.schedule = dfn.CosineSchedule(**ck["schedule"])
+        self.norm = Normalisation.from_dict(ck["normalisation"])
+        self.hash = ck["hash"]
+        self.regression = self.objective == "regression"
+        self.samples = 1 if self.regression else samples
+        self.sampler = dfn.SAMPLERS[sampler]
+        self.steps = steps or (self.schedule.T if sampler == "ancestral" else 20)
+        self.outputs = ("mean", "std") if std else ("mean",)
+        # bf16 autocast for the network only on CUDA; the sampler's state and arithmetic stay fp32.
+        net = torch.compile(self.net) if compile else self.net  # recompiles per tile shape: keep tiles fixed
+        self.denoiser = dfn.Denoiser(net, self.schedule, self.objective, self.norm.clip,
+                                     autocast=self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray, origins: list[tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+        if tiles.ndim != self.spatial_dims + 1 or any(s % self.size_multiple for s in tiles.shape[1:]):
+            raise ValueError(f"tiles {tiles.shape}: need (B, *spatial) with {self.spatial_dims} spatial sizes, each a "
+                             f"multiple of {self.size_multiple}")
+        unit = self.norm.input_to_unit(np.asarray(tiles, np.float32))
+        mean, std = np.empty(tiles.shape, np.float32), np.empty(tiles.shape, np.float32)
+        # One tile at a time with its K samples as the batch: a convolution's float result can depend on the batch
+        # size (1e-7 on CPU), so a tile's output must not depend on which other tiles share its call.
+        for i, origin in enumerate(origins):
+            cond = torch.from_numpy(unit[i:i + 1, None]).float().to(self.device)
+            cond = cond.expand(self.samples, *cond.shape[1:])
+            if self.regression:
+                x = self.denoiser(None, 0.0, cond)
+            else:
+                def noise_fn(step, shape, origin=origin):  # keyed by the tile's global origin, not its batch slot
+                    z = np.stack([noise.normal(shape[2:], seed, k, *origin, step) for k in range(shape[0])])
+                    return torch.from_numpy(z[:, None]).to(self.device)
+
+                x = self.sampler(self.denoiser, noise_fn(0, tuple(cond.shape)), cond, self.schedule, noise_fn,
+                                 self.steps)
+            runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64))
+            mean[i] = runs.mean(axis=0)
+            if "std" in self.outputs:
+                std[i] = runs.std(axis=0, ddof=1)
+        return {"mean": mean, "std": std} if "std" in self.outputs else {"mean": mean}

@@ -1,0 +1,175 @@
+"""Training loop, checkpoints and resume, patch sampling, degradation and the diffusion restorer (tiny presets)."""
+
+import numpy as np
+import pytest
+import torch
+
+from volrestore import synthetic, train
+from volrestore.degrade import Degradation
+from volrestore.diffusion_restorer import DiffusionRestorer, resolve
+from volrestore.errors import UserError
+
+torch.set_num_threads(1)
+DEG = Degradation.parse("poisson:photons=10,read=1,seed=1")
+
+
+def psnr(x, ref):
+    rng = np.percentile(ref, 99.9) - np.percentile(ref, 0.1)
+    return 10 * np.log10(rng**2 / np.mean((x - ref) ** 2))
+
+
+def make_sampler(shape=(4, 96, 64), patch=(32, 32), batch=4, seed=0):
+    return train.PatchSampler(synthetic.phantom(shape, seed=1), degrade=DEG, patch=patch, batch=batch, seed=seed,
+                              val_fraction=0.34)
+
+
+def run(path, sampler, iterations, resume=False, **kw):
+    cfg = train.TrainConfig(**{"preset": "tiny-2d", "iterations": iterations, "warmup": 5, "checkpoint_every": 3,
+                               "lr": 2e-3, **kw})
+    return train.train(sampler, path, cfg, sampler.fit_normalisation(), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """tiny-2d trained briefly on a synthetic pair: enough to beat the noisy input, not to be good."""
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    sampler = make_sampler(shape=(8, 128, 96), patch=(32, 32), batch=8)
+    cfg = train.TrainConfig(preset="tiny-2d", iterations=300, warmup=20, lr=2e-3, checkpoint_every=300)
+    ck = train.train(sampler, path, cfg, sampler.fit_normalisation(), val=sampler.validation(4))
+    return path, ck, sampler
+
+
+@pytest.mark.parametrize("preset,patch", [("tiny-2d", (32, 32)), ("tiny-3d", (8, 16, 16))])
+def test_training_loss_falls(tmp_path, preset, patch):
+    sampler = make_sampler(shape=(16, 96, 64), patch=patch)
+    losses = []
+    cfg = train.TrainConfig(preset=preset, iterations=80, warmup=5, lr=2e-3, checkpoint_every=80)
+    train.train(sampler, tmp_path / "m.pt", cfg, sampler.fit_normalisation(), log=lambda r: losses.append(r["loss"]))
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_resume_continues_identically(tmp_path):
+    sampler = make_sampler()
+    straight = run(tmp_path / "a.pt", sampler, 6)
+    run(tmp_path / "b.pt", sampler, 3)
+    resumed = run(tmp_path / "b.pt", sampler, 6, resume=True)
+    assert resumed["iteration"] == 6
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    with pytest.raises(UserError, match="different preset"):
+        run(tmp_path / "b.pt", sampler, 9, resume=True, objective="eps")
+
+
+def test_checkpoint_roundtrip_and_validation(tmp_path, trained):
+    path, ck, _ = trained
+    loaded = train.load_checkpoint(path)
+    assert loaded["hash"] == ck["hash"] and loaded["iteration"] == 300
+    assert {"preset", "objective", "schedule", "normalisation", "provenance", "optimizer", "ema"} <= set(loaded)
+    assert "val_psnr" in loaded["history"][-1]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    tampered = dict(loaded)
+    tampered["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in loaded["ema"].items()}
+    torch.save(tampered, tmp_path / "tampered.pt")
+    for name, msg in [("junk.pt", "not a volrestore model"), ("other.pt", "not a volrestore model"),
+                      ("tampered.pt", "corrupt"), ("missing.pt", "not found")]:
+        with pytest.raises(UserError, match=msg):
+            train.load_checkpoint(tmp_path / name)
+
+
+def test_restorer_beats_input_avg_helps_deterministic_batch_independent(trained):
+    path, _, _ = trained
+    clean = synthetic.phantom((2, 64, 64), seed=99)  # held out: another phantom, another noise seed
+    noisy = Degradation.parse("poisson:photons=10,read=1,seed=7")(clean, (0,), ref=trained[2].ref)
+    r = DiffusionRestorer(path, samples=4, steps=8, std=True)
+    assert (r.spatial_dims, r.size_multiple, r.outputs) == (2, 4, ("mean", "std"))
+    origins = [(0, 0, 0), (1, 0, 0)]
+    a, b = r(noisy, origins, seed=5), r(noisy, origins, seed=5)
+    single = r(noisy[1:], origins[1:], seed=5)
+    assert np.array_equal(a["mean"], b["mean"]) and np.array_equal(a["std"], b["std"])
+    assert np.array_equal(single["mean"][0], a["mean"][1])  # bitwise: batching does not change a tile
+    assert not np.array_equal(r(noisy, origins, seed=6)["mean"], a["mean"])
+    gain = psnr(a["mean"], clean) - psnr(noisy, clean)
+    assert gain > 2.0, gain  # ~18 dB input; the 300-iteration tiny net gains several dB
+    one = DiffusionRestorer(path, samples=1, steps=8)(noisy, origins, seed=5)["mean"]
+    assert psnr(a["mean"], clean) > psnr(one, clean) + 0.3  # DDPM-avg: K = 4 beats K = 1
+    assert a["std"].min() >= 0 and np.median(a["std"]) > 0  # samples differ where the data are noisy
+
+
+def test_restorer_options_validated(trained):
+    path = str(trained[0])
+    spec = resolve(path, samples=4, std=True)
+    assert spec.spatial_dims == 2 and spec.size_multiple == 4 and spec.outputs == ("mean", "std")
+    for opts, msg in [({"std": True}, "samples >= 2"), ({"sampler": "euler"}, "unknown sampler"),
+                      ({"steps": 0}, "whole numbers"), ({"tile": 3}, "does not take")]:
+        with pytest.raises(UserError, match=msg):
+            resolve(path, **opts)
+
+
+def test_regression_objective_one_pass(tmp_path):
+    sampler = make_sampler()
+    run(tmp_path / "r.pt", sampler, 6, objective="regression")
+    r = DiffusionRestorer(tmp_path / "r.pt", samples=4)
+    tiles = sampler(0)[0][:2]
+    out = r(tiles, [(0, 0, 0), (0, 0, 32)], seed=1)
+    assert out["mean"].shape == tiles.shape and r.outputs == ("mean",)
+    with pytest.raises(UserError, match="no std"):
+        DiffusionRestorer(tmp_path / "r.pt", samples=4, std=True)
+
+
+def test_patch_sampler_reads_only_patches_and_never_validation(tmp_path):
+    class Recording:
+        """An array-like (like zarr.Array) that records every region read."""
+
+        def __init__(self, a):
+            self.a, self.shape, self.reads = a, a.shape, []
+
+        def __getitem__(self, region):
+            self.reads.append(region)
+            return self.a[region]
+
+    np.save(tmp_path / "psf.npy", np.ones((3, 5, 5)))  # 3D PSF: 2D patches need z and y/x context
+    vol = Recording(synthetic.phantom((6, 96, 64), seed=2))
+    s = train.PatchSampler(vol, degrade=Degradation(photons=10, blur=str(tmp_path / "psf.npy")), patch=(32, 32),
+                           batch=4, val_fraction=0.34)
+    vol.reads.clear()
+    for it in range(20):
+        c, t = s(it)
+    assert c.shape == t.shape == (4, 32, 32)
+    # Training reads stay above the held-out rows, and are only a patch plus the blur halo (2 rows each side).
+    assert all(r[1].stop <= s.y_split and r[1].stop - r[1].start <= 36 and r[2].stop - r[2].start <= 36
+               for r in vol.reads)
+    np.testing.assert_array_equal(s(3)[0], s(3)[0])  # a batch depends only on (seed, iteration)
+    vol.reads.clear()
+    vc, vt = s.validation(4)
+    assert vc.shape == (4, 32, 32) and all(r[1].start >= s.y_split for r in vol.reads)
+
+
+def test_degradation_spec_and_determinism(tmp_path):
+    np.save(tmp_path / "psf.npy", np.ones((3, 3)))
+    d = Degradation.parse(f"poisson:photons=20,read=2,blur={tmp_path / 'psf.npy'},down=2,seed=3")
+    assert (d.photons, d.read, d.down, d.seed) == (20, 2, 2, 3) and d.halo(3) == (0, 1, 1)
+    x = synthetic.phantom((2, 32, 32), seed=0)
+    y1, y2, y3 = d(x, (1,)), d(x, (1,)), d(x, (2,))
+    assert y1.shape == x.shape and np.array_equal(y1, y2) and not np.array_equal(y1, y3)
+    for bad in ["gauss:sigma=1", "poisson:read=2", "poisson:photons=-1", "poisson:photons=5,foo=1"]:
+        with pytest.raises(UserError, match="poisson:photons=P"):
+            Degradation.parse(bad)
+
+
+def test_presets_by_name_or_path(tmp_path):
+    from volrestore import nets
+
+    assert {"paper-2d", "unet3d", "tiny-2d", "tiny-3d"} <= set(nets.preset_names())
+    paper = nets.build("paper-2d")
+    assert 60e6 < nets.count_params(paper) < 66e6 and paper.size_multiple == 8  # the paper's ~64 M
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in paper.modules())
+    for name in ("tiny-2d", "tiny-3d"):
+        assert 1e4 < nets.count_params(nets.build(name)) < 1e6
+    (tmp_path / "mine.yaml").write_text(nets.resources.files("volrestore").joinpath("presets", "tiny-3d.yaml")
+                                        .read_text())
+    net = nets.build(str(tmp_path / "mine.yaml"), objective="regression")
+    assert net.spatial_dims == 3 and net.objective == "regression"
+    with pytest.raises(UserError, match="paper-2d, tiny-2d, tiny-3d, unet3d"):
+        nets.load_preset("paper-3d")
