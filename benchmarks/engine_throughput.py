@@ -14,18 +14,16 @@ Reports, in one run:
 """
 
 import argparse
-import os
 import itertools
-import resource
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from volrestore import engine, ngff, restorers
+from volrestore import benchmark, engine, ngff
 from volrestore.cluster import make_client
-from volrestore.grid import Grid
 
 
 def make_input(path, shape, chunks, dtype, fill, scale=1.0):
@@ -40,46 +38,20 @@ def make_input(path, shape, chunks, dtype, fill, scale=1.0):
     return str(path)
 
 
-def run(src, out, workers, bare=None, **kw):
-    """restore() on a fresh local cluster; with bare=(args), also the bare restorer before and after, on the worker."""
+def run(src, out, workers, bare=False, **kw):
+    """restore() on a fresh local cluster; with bare, also the bare restorer before and after it, on the worker."""
+    if bare:
+        plan, spec = engine.plan(src, kw["model"], tile=kw["tile"], overlap=kw["overlap"], batch=kw["batch"])
     client = make_client("local", workers=workers)
     try:
-        before = client.submit(bare_throughput, *bare, pure=False).result() if bare else None
+        before = client.submit(benchmark.bare_pass, spec, plan, pure=False).result() if bare else None
         summary = engine.restore(src, out, cluster=client, overwrite=True, progress=False, echo=lambda *_: None, **kw)
-        after = client.submit(bare_throughput, *bare, pure=False).result() if bare else None
-        rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        after = client.submit(benchmark.bare_pass, spec, plan, pure=False).result() if bare else None
+        rss = client.run(benchmark._rss_mib)
     finally:
         client.close()
         client.volrestore_cluster.close()
-    return summary, max(rss.values()) / 1024, (before, after)  # RSS in MiB (Linux reports KiB)
-
-
-def bare_throughput(src, model, tile, overlap, batch):
-    """Voxels/s of the restorer alone over every grid tile once (run on a worker: 1 torch thread, cached model)."""
-    data = ngff.open_level(src)[...].astype(np.float32)
-    spec = restorers.resolve(model)
-    r = spec.build()
-    grid = Grid.build(data.shape, tile, [overlap] * 3, [spec.size_multiple] * 3)
-    tiles = list(itertools.product(*map(range, grid.counts)))
-    r(np.stack([data[:tile[0], :tile[1], :tile[2]]] * batch), [(0, 0, 0)] * batch, 0)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(tiles), batch):
-        chunk = tiles[i:i + batch]
-        idx = [np.ix_(*(ax.tile_index(k, 0) for ax, k in zip(grid.axes, t))) for t in chunk]
-        batch_data = np.stack([data[ix] for ix in idx] + [data[idx[-1]]] * (batch - len(chunk)))
-        origins = [tuple(ax.start(k) for ax, k in zip(grid.axes, t)) for t in chunk]
-        r(batch_data, origins + [origins[-1]] * (batch - len(chunk)), 0)
-    return data.size / (time.perf_counter() - t0), len(tiles)
-
-
-def recompute_factor(shape, tile, overlap, block, multiple):
-    grid = Grid.build(shape, tile, [overlap] * 3, [multiple] * 3)
-    calls = 0
-    for idx in itertools.product(*(range(-(-n // b)) for n, b in zip(shape, block))):
-        lo = [i * b for i, b in zip(idx, block)]
-        hi = [min(l + b, n) for l, b, n in zip(lo, block, shape)]
-        calls += np.prod([len(r) for r in grid.tiles_touching(lo, hi)])
-    return calls / grid.n_tiles
+    return summary, max(rss.values()), (before, after), plan if bare else None
 
 
 def _octant(sl, m):
@@ -104,12 +76,12 @@ def main():
     src = make_input(work / "rc.ome.zarr", shape, (32, 64, 64), "float32",
                      lambda sl: rng.random(tuple(s.stop - s.start for s in sl), dtype=np.float32))
     opts = dict(model=f"randcnn:width={args.width}", tile=tile, overlap=overlap, batch=batch)
-    s1, _, ((bare0, n_tiles), (bare1, _)) = run(src, work / "o1.ome.zarr", 1,
-                                                 bare=(src, opts["model"], tile, overlap, batch), **opts)
-    s2, _, _ = run(src, work / "o2.ome.zarr", 2, **opts)
-    block = ngff.read_info(work / "o1.ome.zarr").provenance["parameters"]["block"]
+    s1, _, (before, after), plan = run(src, work / "o1.ome.zarr", 1, bare=True, **opts)
+    s2, _, _, _ = run(src, work / "o2.ome.zarr", 2, **opts)
+    block, n_tiles = list(plan.block), plan.grid.n_tiles
+    bare0, bare1 = before["voxels_per_s"], after["voxels_per_s"]
     bare = (bare0 + bare1) / 2
-    factor = recompute_factor(shape, tile, overlap, block, 2)
+    factor = benchmark.recompute_factor(plan)
     print(f"randcnn width {args.width}, volume {shape}, tile {tile}, overlap {overlap}, batch {batch}, "
           f"write-block {block}, {n_tiles} grid tiles")
     print(f"  bare restorer      : {bare:,.0f} voxels/s (before {bare0:,.0f}, after {bare1:,.0f}; same worker)")
@@ -129,7 +101,7 @@ def main():
             m = side // 16
             mask = make_input(work / "mask.ome.zarr", (m,) * 3, (m,) * 3, "uint8", lambda sl: _octant(sl, m), 16.0)
         t0 = time.perf_counter()
-        summary, rss, _ = run(big, work / f"r{side}.ome.zarr", 2, model="identity", tile=[64, 64, 64], overlap=8,
+        summary, rss, _, _ = run(big, work / f"r{side}.ome.zarr", 2, model="identity", tile=[64, 64, 64], overlap=8,
                            block=[64, 64, 64], dtype="input", mask=mask)
         results[side] = rss
         print(f"  {side}^3 identity: {summary['blocks']} blocks ({summary['empty']} empty by mask), {summary['voxels_per_s']:,.0f} voxels/s, "

@@ -288,3 +288,55 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(addr, volume, tmp_pat
     assert "parameter overlap was 4, now 2" in msg
     assert_user_error(cli("restore", a, out, "--model", "gaussian", *TILE, "--resume"), contains="parameter model")
     assert bitwise(read(out), before) and ngff.read_info(out).complete
+
+
+# ----------------------------------------------------------------------------------------------- GPU paths (on CPU)
+
+
+def test_gpu_out_of_memory_halves_the_batch_and_matches_a_normal_run(addr, volume, tmp_path):
+    data, a, _ = volume
+    args = [*TILE, "--batch", 4, "--block", 8, 16, 16]
+    run(addr, a, tmp_path / "ref.ome.zarr", "--model", "gaussian", *args)
+    # oom_at=3: calls of 3 or more tiles raise torch.cuda.OutOfMemoryError, so 4 -> 2 (batches stay exactly 2 tiles).
+    result = run(addr, a, tmp_path / "oom.ome.zarr", "--model", "gaussian:oom_at=3", *args)
+    assert "batch 2 (from 4: GPU out of memory)" in result.output, result.output
+    assert bitwise(read(tmp_path / "oom.ome.zarr"), read(tmp_path / "ref.ome.zarr"))
+    assert ngff.read_info(tmp_path / "oom.ome.zarr").provenance["summary"]["batch"] == 2
+
+
+def test_gpu_out_of_memory_at_batch_1_fails_naming_the_block(addr, volume, tmp_path):
+    _, a, _ = volume
+    msg = assert_user_error(cli("restore", a, tmp_path / "o.ome.zarr", "--cluster", addr, "--model",
+                                "identity:oom_at=1", *TILE, "--batch", 2, "--block", 8, 16, 16))
+    assert re.search(r"block \(\d, \d, \d\) failed .*GPU out of memory on block \(\d, \d, \d\) even with batch 1", msg)
+
+
+def test_gpu_worker_overlaps_blocks_but_runs_one_model_call_at_a_time(volume, tmp_path, monkeypatch):
+    """A GPU worker (resource GPU=1, 2 threads) runs two block tasks at once, yet its model calls never overlap."""
+    from distributed import Client, LocalCluster, get_worker
+
+    from volrestore import restorers
+
+    _, a, _ = volume
+    calls, lock, hooks = [], threading.Lock(), restorers._test_hooks
+
+    def timed(*args):  # each model call: its time span and how many block tasks the worker was running meanwhile
+        t0 = time.perf_counter()
+        hooks(*args)
+        with lock:
+            calls.append((t0, time.perf_counter(), len(get_worker().state.executing)))
+
+    monkeypatch.setattr(restorers, "_test_hooks", timed)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 1},
+                           dashboard_address=":0")  # threads in this process: the patch applies in the worker
+    try:
+        with Client(cluster) as client:
+            out = tmp_path / "o.ome.zarr"
+            restore(a, out, model="identity:sleep=0.05", tile=[16, 16, 16], overlap=4, block=[8, 16, 16],
+                    cluster=client, progress=False, echo=lambda *_: None)
+    finally:
+        cluster.close()
+    spans = sorted(calls)
+    assert len(spans) > 2 and all(b0 >= a1 for (_, a1, _), (b0, _, _) in zip(spans, spans[1:]))  # one at a time
+    assert max(n for *_, n in spans) == 2  # while a second block task reads, blends or writes
+    np.testing.assert_array_equal(read(out), volume[0])

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,11 @@ from .grid import Grid, validate_tile
 PROGRESS_DIR = ".volrestore-progress"  # inside the output: one empty file per finished write-block
 TASK_RETRIES = 2  # a block task that raises is retried this often, then the run stops naming the block
 BLOCK_TARGET_STRIDES = 4  # auto write-blocks span ~4 tile strides per axis, so few tiles are computed twice
+# Block tasks per GPU worker at a time: each holds 1/BLOCKS_PER_GPU of the worker's GPU resource. While one block's
+# tiles are on the GPU (only one model call per GPU at a time, see _compute_slot) the other task reads and decompresses
+# its input or blends and writes its output, so the GPU does not wait for I/O. With the whole GPU=1 per task, the
+# second worker thread would sit idle and reading would never overlap compute.
+BLOCKS_PER_GPU = 2
 
 
 @dataclass(frozen=True)
@@ -97,33 +104,46 @@ def restore(input, output, model="identity", level=0, tile=None, overlap=None, b
         if done_before is not None:
             echo(f"resuming {output}: {skipped} of {total} blocks already done, skipped")
         counts = {"restored": 0, "empty": 0}
-        restored_vox = 0
+        restored_vox, compute_s, settled = 0, 0.0, batch
 
         def tally(index, result):
-            nonlocal restored_vox
-            status, voxels = result
+            nonlocal restored_vox, compute_s, settled
+            status, voxels, stats = result
             counts[status] += 1
-            restored_vox += voxels if status == "restored" else 0
+            if status == "restored":
+                restored_vox += voxels
+                compute_s += stats["compute_s"]
+                settled = min(settled, stats["batch"])
 
         t0 = time.perf_counter()
+        gpu = (task_resources(client) or {}).get("GPU")
         _run_blocks(client, _restore_block, (plan, spec), todo, total - skipped, "restoring", progress, tally,
-                    resources=task_resources(client))
+                    resources={"GPU": gpu / BLOCKS_PER_GPU} if gpu else None)
         seconds = time.perf_counter() - t0
         summary = {
             "blocks": total, "skipped": skipped, **counts, "seconds": round(seconds, 3),
             "voxels_per_s": restored_vox / seconds if seconds > 0 else 0.0,
+            "batch": settled, "compute_s": round(compute_s, 3),
         }
         for path in out_paths:
             ngff.build_pyramid(path, client)
     for path in out_paths[1:] + out_paths[:1]:  # primary last: `complete` there means everything is there
         ngff.set_complete(path, True, extra={"summary": summary})
     shutil.rmtree(plan.progress, ignore_errors=True)
+    oom = f" (from {batch}: GPU out of memory)" if settled < batch else ""
     echo(f"restored {summary['restored']} blocks, {summary['empty']} empty (mask), {skipped} skipped (resume); "
-         f"{summary['voxels_per_s']:.3g} voxels/s -> {output}")
+         f"{summary['voxels_per_s']:.3g} voxels/s, batch {settled}{oom} -> {output}")
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- planning
+
+
+def plan(input, model="identity", level=0, tile=None, overlap=None, batch=4, seed=0, block=None, **model_options):
+    """(Plan, RestorerSpec) that restore() would use for these arguments, validated, nothing written (benchmarks)."""
+    plan_, spec, _, _ = _prepare(str(input), "", model, level, tile, overlap, batch, seed, None, "float32", "error",
+                                 None, block, model_options)
+    return plan_, spec
 
 
 def _prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtype, nan, chunks, block,
@@ -385,7 +405,10 @@ def _finite_block(plan, index):
 
 
 def _restore_block(plan, spec, index):
-    """Read the input this block's tiles need, restore them in batches, blend, write whole chunks, mark done."""
+    """Read the input this block's tiles need, restore them in batches, blend, write whole chunks, mark done.
+
+    Returns (status, voxels, {"batch": tiles per restorer call it settled on, "compute_s": seconds in the model}).
+    """
     box = _box(plan, index)
     spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
     other = [d for d, a in enumerate(plan.axes) if a not in "zyx"]
@@ -393,7 +416,7 @@ def _restore_block(plan, spec, index):
     n_vox = math.prod(b - a for a, b in box)
     if plan.mask is not None and not _has_foreground(plan, lo, hi):
         _mark(plan, index)  # the outputs' fill value (0) stands for the skipped region
-        return "empty", n_vox
+        return "empty", n_vox, None
 
     restorer = spec.build()
     grid = plan.grid
@@ -403,6 +426,8 @@ def _restore_block(plan, spec, index):
     outs = {name: _array(plan.run, path, arr, "r+") for name, path, arr in plan.outputs}
     norm = grid.weight_sum(lo, hi)
     squeeze = restorer.spatial_dims < len(spatial)  # 2D restorer on a 3D volume: tiles are (1, Y, X) slices
+    batch = min(plan.batch, _SETTLED_BATCH.get(plan.run, plan.batch))  # never retry a size that ran out here
+    compute_s = 0.0
 
     for fixed in itertools.product(*(range(*box[d]) for d in other)):  # each time point / channel separately
         region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, read))], dtype=np.float32)
@@ -411,19 +436,26 @@ def _restore_block(plan, spec, index):
         acc = {name: np.zeros([b - a for a, b in zip(lo, hi)]) for name in outs}
         # Tiles in the fixed global order, so each voxel's float64 sum is the same whichever block computes it.
         tiles = itertools.product(*tile_ranges)
-        while batch := list(itertools.islice(tiles, plan.batch)):
+        while group := list(itertools.islice(tiles, batch)):
             data = np.stack([region[np.ix_(*(ax.tile_index(k, r[0]) for ax, k, r in zip(grid.axes, t, read)))]
-                             for t in batch])
-            origins = [(*fixed, *(ax.start(k) for ax, k in zip(grid.axes, t))) for t in batch]
+                             for t in group])
+            origins = [(*fixed, *(ax.start(k) for ax, k in zip(grid.axes, t))) for t in group]
             # Always call with exactly `batch` tiles (pad by repeating the last): a tile's result then never
             # depends on how many tiles its block has, which keeps outputs bitwise across output chunkings.
-            pad = plan.batch - len(batch)
+            pad = batch - len(group)
             data = np.concatenate([data, np.repeat(data[-1:], pad, axis=0)]) if pad else data
             origins = origins + [origins[-1]] * pad
-            result = restorer(data[:, 0] if squeeze else data, origins, plan.seed)
+            result, seconds = _restore_batch(restorer, data[:, 0] if squeeze else data, origins, plan.seed, index,
+                                             batch)
+            compute_s += seconds
+            if result is None:  # GPU out of memory: redo this group with half the batch, and keep that size
+                batch //= 2
+                _SETTLED_BATCH[plan.run] = min(batch, _SETTLED_BATCH.get(plan.run, batch))
+                tiles = itertools.chain(group, tiles)
+                continue
             for name in outs:
                 res = result[name].reshape(data.shape)
-                for j, t in enumerate(batch):
+                for j, t in enumerate(group):
                     _accumulate(acc[name], res[j], grid, t, lo, hi)
         for name, arr in outs.items():
             value = acc[name] / norm
@@ -433,7 +465,63 @@ def _restore_block(plan, spec, index):
                 value = np.clip(np.rint(value), lim.min, lim.max)
             arr[_selection(plan, fixed, other, ((d, box[d]) for d in spatial))] = value.astype(dtype)
     _mark(plan, index)
-    return "restored", n_vox
+    return "restored", n_vox, {"batch": batch, "compute_s": compute_s}
+
+
+def _restore_batch(restorer, data, origins, seed, index, batch):
+    """One restorer call, one per GPU at a time -> (result, seconds); result None when it ran out of GPU memory and
+    a smaller batch is left to try."""
+    try:
+        with _compute_slot():
+            t0 = time.perf_counter()
+            return restorer(data, origins, seed), time.perf_counter() - t0
+    except _oom_errors() as exc:
+        if batch == 1:
+            raise RuntimeError(f"GPU out of memory on block {index} even with batch 1 ({type(exc).__name__}); use "
+                               "a smaller --tile, fewer --samples, or a GPU with more memory") from None
+    _free_gpu_memory()  # here, not in `except`: the exception's traceback still holds the failed call's tensors
+    return None, 0.0
+
+
+# Per worker process: the batch each run settled on after a GPU out-of-memory, so later blocks start there.
+_SETTLED_BATCH: dict[str, int] = {}
+_SLOTS_LOCK = threading.Lock()
+_GPU_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+def _oom_errors() -> tuple:
+    """torch's CUDA out-of-memory error class, if torch is loaded (a restorer that never imported it cannot raise it)."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
+
+
+def _free_gpu_memory():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # hand cached blocks back so the smaller batch can allocate
+
+
+def _compute_slot():
+    """At most one restorer call per GPU of this worker at a time; no limit on CPU workers.
+
+    GPU workers run 2 threads (cluster.py): while one block's tiles are on the GPU, the other thread reads and
+    decompresses its block and blends/writes its results. Letting both threads run the model at once would only
+    make them compete for GPU memory (twice the activations) without more throughput. The lock is per model call,
+    not per block, so the GPU never idles while a thread accumulates a finished batch. Results are unchanged: each
+    call is the same call, only its start time moves.
+    """
+    from contextlib import nullcontext
+
+    try:
+        from distributed import get_worker
+
+        gpus = int(get_worker().state.total_resources.get("GPU", 0))
+    except ValueError:  # not inside a Dask worker (a direct call)
+        gpus = 0
+    if gpus < 1:
+        return nullcontext()
+    with _SLOTS_LOCK:
+        return _GPU_SLOTS.setdefault(gpus, threading.BoundedSemaphore(gpus))
 
 
 def _selection(plan, fixed, other, spatial_ranges):

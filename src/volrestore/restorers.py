@@ -41,7 +41,7 @@ class RestorerSpec:
     default_tile: int = 64
     default_overlap: int = 8
     # Options that change nothing in the result (e.g. a test-only delay) and so never block --resume.
-    volatile: tuple[str, ...] = ("sleep",)
+    volatile: tuple[str, ...] = ("sleep", "oom_at")
 
     def build(self) -> Restorer:
         """The restorer for this spec, created once per process and reused by every task."""
@@ -86,9 +86,9 @@ def _literal(text: str):
 
 # name -> (allowed options with defaults, spatial dims option allowed, size multiple)
 _SIMPLE = {
-    "identity": {"dims": 3, "sleep": 0.0},
-    "gaussian": {"dims": 3, "sigma": 1.0, "sleep": 0.0},
-    "randcnn": {"dims": 3, "width": 8, "init_seed": 0, "samples": 1, "std": False, "sleep": 0.0},
+    "identity": {"dims": 3, "sleep": 0.0, "oom_at": 0},
+    "gaussian": {"dims": 3, "sigma": 1.0, "sleep": 0.0, "oom_at": 0},
+    "randcnn": {"dims": 3, "width": 8, "init_seed": 0, "samples": 1, "std": False, "sleep": 0.0, "oom_at": 0},
 }
 
 
@@ -119,6 +119,8 @@ def resolve(model: str, **options) -> RestorerSpec:
     for key in ("sigma", "sleep"):
         if key in opts and not (isinstance(opts[key], (int, float)) and opts[key] >= 0):
             raise UserError(f"model {name}: {key} must be a number >= 0, got {opts[key]!r}")
+    if not (isinstance(opts["oom_at"], int) and opts["oom_at"] >= 0):
+        raise UserError(f"model {name}: oom_at must be a whole number >= 0, got {opts['oom_at']!r}")
     for key in ("width", "samples"):
         if key in opts and not (isinstance(opts[key], int) and opts[key] >= 1):
             raise UserError(f"model {name}: {key} must be a whole number >= 1, got {opts[key]!r}")
@@ -140,27 +142,37 @@ def build_simple(name: str, **options) -> Restorer:
     return {"identity": Identity, "gaussian": Gaussian, "randcnn": RandCNN}[name](**options)
 
 
+def _test_hooks(tiles, sleep, oom_at):
+    """Test-only behaviour of the simple restorers: a delay (interruption tests) and, with oom_at = N > 0, torch's
+    CUDA out-of-memory error for calls of N or more tiles (it can be raised on a CPU too: tests the batch halving)."""
+    time.sleep(sleep)
+    if oom_at and len(tiles) >= oom_at:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(f"test: {len(tiles)} tiles >= oom_at={oom_at}")
+
+
 class Identity(Restorer):
     """Returns the tiles unchanged (optionally after a delay, to test interruption)."""
 
-    def __init__(self, dims=3, sleep=0.0):
-        self.spatial_dims, self.sleep = dims, sleep
+    def __init__(self, dims=3, sleep=0.0, oom_at=0):
+        self.spatial_dims, self.sleep, self.oom_at = dims, sleep, oom_at
 
     def __call__(self, tiles, origins, seed):
-        time.sleep(self.sleep)
+        _test_hooks(tiles, self.sleep, self.oom_at)
         return {"mean": tiles.astype(np.float32, copy=True)}
 
 
 class Gaussian(Restorer):
     """Gaussian smoothing of each tile (scipy)."""
 
-    def __init__(self, dims=3, sigma=1.0, sleep=0.0):
-        self.spatial_dims, self.sigma, self.sleep = dims, sigma, sleep
+    def __init__(self, dims=3, sigma=1.0, sleep=0.0, oom_at=0):
+        self.spatial_dims, self.sigma, self.sleep, self.oom_at = dims, sigma, sleep, oom_at
 
     def __call__(self, tiles, origins, seed):
         from scipy.ndimage import gaussian_filter
 
-        time.sleep(self.sleep)
+        _test_hooks(tiles, self.sleep, self.oom_at)
         sigma = (0,) + (self.sigma,) * self.spatial_dims  # never blur across the batch axis
         return {"mean": gaussian_filter(tiles.astype(np.float32), sigma=sigma, mode="reflect")}
 
@@ -174,13 +186,13 @@ class RandCNN(Restorer):
 
     size_multiple = 2
 
-    def __init__(self, dims=3, width=8, init_seed=0, samples=1, std=False, sleep=0.0):
+    def __init__(self, dims=3, width=8, init_seed=0, samples=1, std=False, sleep=0.0, oom_at=0):
         import torch
         from torch import nn
 
         # One thread per worker unless the cluster says otherwise: fixed thread count keeps results bitwise stable.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self.spatial_dims, self.samples, self.sleep = dims, samples, sleep
+        self.spatial_dims, self.samples, self.sleep, self.oom_at = dims, samples, sleep, oom_at
         self.outputs = ("mean", "std") if std else ("mean",)
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
         pool = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
@@ -196,7 +208,7 @@ class RandCNN(Restorer):
 
     def __call__(self, tiles, origins, seed):
         torch = self.torch
-        time.sleep(self.sleep)
+        _test_hooks(tiles, self.sleep, self.oom_at)
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]
         # Per-tile scale (never per batch, so batching cannot change a tile's result): the net sees O(1) values.
         amax = np.abs(tiles).reshape(len(tiles), -1).max(axis=1)

@@ -1,0 +1,54 @@
+"""`volrestore benchmark --json` on a tiny preset: every documented field present and consistent (never the speed)."""
+
+import json
+import math
+
+import pytest
+from _io_helpers import assert_user_error, cli
+
+from volrestore import benchmark
+
+
+def test_benchmark_json_fields_are_complete_and_consistent():
+    result = cli("benchmark", "--preset", "tiny-3d", "--size", 16, "--tile", 16, "--tile", 16, "--tile", 16,
+                 "--overlap", 4, "--batch", 3, "--steps", 2, "--samples", 2, "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    r = json.loads(result.stdout)
+    assert set(r) == set(benchmark.FIELDS)
+    assert r["trained"] is False and r["device"] == "cpu" and r["workers"] == 1 and r["cluster"] == "local"
+    assert r["shape"] == [16, 16, 16] and r["voxels"] == 16**3 and r["tile"] == [16, 16, 16] and r["overlap"] == 4
+    assert r["tiles"] == 8 and r["batch_settled"] == 3 and r["tile_recompute_factor"] >= 1
+    # The bare pass calls the restorer on every tile once in batches of exactly 3 (the last padded), and each tile
+    # costs K samples x steps network evaluations.
+    assert r["evaluations_per_pass"] == math.ceil(8 / 3) * 3 * 2 * 2
+    assert r["bare_voxels_per_s"] == pytest.approx(sum(r["bare_voxels_per_s_runs"]) / 2)
+    assert r["efficiency"] == pytest.approx(r["e2e_voxels_per_s"] / r["bare_voxels_per_s"])
+    assert r["efficiency_per_worker"] == pytest.approx(r["efficiency"])
+    assert r["hours_per_tb"] == pytest.approx(1e12 / 2 / r["e2e_voxels_per_s"] / 3600)
+    assert r["hours_per_tb_bare"] == pytest.approx(1e12 / 2 / r["bare_voxels_per_s"] / 3600)
+    assert r["flop_per_evaluation"] > 0
+    assert r["flop_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * r["flop_per_evaluation"] / r["voxels"])
+    assert r["achieved_flop_per_s"] == pytest.approx(r["flop_per_voxel"] * r["bare_voxels_per_s"])
+    assert r["e2e_flop_per_s"] == pytest.approx(r["flop_per_voxel"] * r["e2e_voxels_per_s"])
+    assert 0 < r["model_busy_share"] <= 1.0 + 1e-6
+    assert r["peak_bf16_flop_per_s"] is None and r["peak_share"] is None  # CPU: no known peak
+    assert r["peak_gpu_mib_bare"] is None and r["peak_gpu_mib_e2e"] is None and r["peak_rss_mib"] > 0
+
+
+def test_known_gpu_peaks_and_size_parsing():
+    assert benchmark.peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
+    assert benchmark.peak_bf16("NVIDIA H100 PCIe") == 756e12
+    assert benchmark.peak_bf16("NVIDIA H200") == 989e12
+    assert benchmark.peak_bf16("NVIDIA A100-SXM4-80GB") == 312e12
+    assert benchmark.peak_bf16("NVIDIA GeForce RTX 4090") is None
+    assert benchmark.parse_size("8x32x48", 64) == (8, 32, 48) and benchmark.parse_size(None, 64) == (64, 64, 64)
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--size", "0"], "--size must be N"),
+    (["--size", "8x8"], "--size must be N"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--size", "x"], ""),
+])
+def test_bad_benchmark_arguments_exit_2_with_one_line(args, contains):
+    assert_user_error(cli("benchmark", *args), contains=contains)
