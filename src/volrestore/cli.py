@@ -125,7 +125,7 @@ def _print_info(info):
 @click.option("--overlap", type=int, default=None, help="Overlap between neighbouring tiles, voxels per side.")
 @click.option("--batch", default=4, show_default=True, help="Tiles per restorer call.")
 @click.option("--seed", default=0, show_default=True, help="Seed of all noise (results never depend on workers).")
-@click.option("--cluster", default="local", show_default=True, help="local | tcp://host:port")
+@click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML file")
 @click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, skipping finished blocks.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
@@ -284,3 +284,141 @@ def view_cmd(path, force_serve, port):
     finally:
         server.server_close()
 
+
+
+# --- benchmark: bare-model vs end-to-end throughput of a preset ---------------------------------------------
+
+
+@main.command("benchmark")
+@click.option("--preset", default="tiny-3d", show_default=True, help="Network preset (random weights: speed only).")
+@click.option("--samples", "-K", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per tile.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampler steps.")
+@click.option("--sampler", default="dpmpp2m", show_default=True, help="ancestral | ddim | dpmpp2m")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--size", default=None, help="Generated volume: N (N³) or ZxYxX [64 on cpu, 256 on cuda].")
+@click.option("--tile", type=int, multiple=True, metavar="N", help="Tile size per axis, repeat: --tile 1 --tile 128 "
+              "--tile 128 (default: the model's).")
+@click.option("--overlap", type=int, default=None, help="Tile overlap per side (default: the model's).")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per restorer call.")
+@click.option("--compile", "compile_", is_flag=True, help="Run the network under torch.compile.")
+@click.option("--cluster", default=None, help="Cluster of the end-to-end run [local with 1 worker on cpu; cuda].")
+@click.option("--workers", type=int, default=None, help="Workers of that cluster.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (fields: volrestore.benchmark.FIELDS).")
+def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, batch, compile_, cluster, workers,
+                  as_json):
+    """Measure bare-model and end-to-end restore voxels/s, FLOP/s, memory and hours per TB, in one run."""
+    from . import benchmark
+
+    result = benchmark.run(preset, samples=samples, steps=steps, sampler=sampler, device=device, size=size,
+                           tile=list(tile) or None, overlap=overlap, batch=batch, compile=compile_, cluster=cluster,
+                           workers=workers)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(benchmark.report(result))
+
+
+# --- train / models: make models from the user's OME-Zarr data on the cluster, list them ------------------------
+
+
+@main.command("train")
+@click.option("--target", required=True, type=click.Path(), help="Clean / high-quality OME-Zarr image.")
+@click.option("--input", "input_", type=click.Path(), default=None,
+              help="Registered low-quality OME-Zarr image of the same grid (paired training).")
+@click.option("--degrade", default=None, help="Or make inputs from --target: poisson:photons=P[,read=R][,blur=PSF]"
+              "[,down=D][,seed=S].")
+@click.option("--preset", required=True, help="Network preset name (paper-2d, unet3d, tiny-2d, tiny-3d) or YAML path.")
+@click.option("--out", required=True, type=click.Path(), help="Checkpoint file to write (e.g. model.pt).")
+@click.option("--iterations", type=int, default=None, help="Total iterations [the preset's].")
+@click.option("--patch", default=None, metavar="[Z]xYxX", help="Patch size, e.g. 64x64 or 16x64x64 [the preset's].")
+@click.option("--batch", type=int, default=None, help="Patches per worker per iteration [the preset's].")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the y axis (at its end) held out for validation, never trained on.")
+@click.option("--objective", type=click.Choice(["v", "eps", "regression"]), default=None,
+              help="Prediction target [the preset's].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [the preset's].")
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of the images to train on.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, patches, noise and timesteps.")
+@click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints and validation "
+              "[1000].")
+@click.option("--resume", is_flag=True, help="Continue OUT (or the interrupted run OUT.partial next to it).")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT exists.")
+@click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML")
+@click.option("--workers", "--gpus", "workers", type=int, default=1, show_default=True,
+              help="Workers (GPUs) to train on; N > 1 runs DistributedDataParallel, global batch N x --batch.")
+def train_cmd(target, input_, degrade, preset, out, patch, **kwargs):
+    """Train a restoration model on OME-Zarr data as a task on the Dask cluster and write the checkpoint OUT."""
+    from .trainjob import parse_patch, train_image
+
+    train_image(target, out, input=input_, degrade=degrade, preset=preset, patch=parse_patch(patch),
+                progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
+
+
+@main.command("models")
+@click.argument("dirs", nargs=-1, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (full hashes and training data).")
+def models_cmd(dirs, as_json):
+    """List the shipped models and the checkpoints in DIRS (default: the current directory)."""
+    from .catalog import list_models
+
+    models = list_models(dirs)
+    if as_json:
+        return _print_json(models)
+    _print_models(models)
+
+
+def _print_models(models):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "source", "preset", "objective", "parameters", "size", "iterations", "training data",
+                  "hash", caption="--json for full paths, hashes and training data")
+    for m in models:
+        if "error" in m:
+            table.add_row(m["path"], m["source"], f"[red]{m['error']}[/red]", *[""] * 6)
+            continue
+        table.add_row(m["name"], m["source"], m["preset"], m["objective"], f"{m['parameters']:,}",
+                      f"{m['size_bytes'] / 1e6:.1f} MB", str(m["iteration"]), m["training_data"], m["hash"][:12])
+    for column in table.columns[:-1]:
+        column.overflow = "fold"
+    table.columns[-1].no_wrap = True  # the short hash is what users compare
+    Console(width=max(Console().width, 140)).print(table if models else "no models found")
+
+
+# --- demo: the offline "run it" command (synthetic sample, shipped default model) ---------------------------
+
+
+@main.command("demo")
+@click.argument("outdir", default="volrestore-demo", type=click.Path(file_okay=False))
+@click.option("--samples", "-K", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Samples averaged per tile (>= 2 also writes their std).")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Sampler steps.")
+@click.option("--size", default=None, help="Sample volume ZxYxX [32x96x96].")
+@click.option("--workers", type=int, default=None, help="Local Dask workers (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Replace the demo's files in OUTDIR.")
+def demo_cmd(outdir, samples, steps, size, workers, overwrite):
+    """Degrade a synthetic volume, restore it with the default model on a local Dask cluster, write OME-Zarr images
+    and a PNG into OUTDIR, and print PSNR/SSIM before and after. Offline; a few minutes on a laptop CPU."""
+    from . import demo
+    from .benchmark import parse_size
+
+    shape = parse_size(size, 0) if size else demo.SHAPE
+    demo.run(outdir, samples=samples, steps=steps, shape=shape, workers=workers, overwrite=overwrite,
+             echo=click.echo)
+
+
+@main.command("degrade")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--spec", required=True, help="poisson:photons=P[,read=R][,blur=PSF.tif|.npy][,down=D][,seed=S]")
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of SRC to degrade.")
+@click.option("--dtype", type=click.Choice(["float32", "input"]), default="float32", show_default=True,
+              help="Output data type: float32, or the input's (rounded and clipped).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def degrade_cmd(src, out, spec, level, dtype, overwrite):
+    """Write a degraded copy of the clean image SRC (blur, binning, Poisson + read noise): evaluation pairs."""
+    from .degrade import degrade_image
+
+    result = degrade_image(src, out, spec, level=level, dtype=dtype, overwrite=overwrite, command=command_line())
+    click.echo(f"wrote {result['output']} ({result['blocks']} chunks; {spec} at reference intensity "
+               f"{result['reference_intensity']:.4g})")

@@ -120,14 +120,14 @@ def task_resources(client) -> dict | None:
 
 
 @contextmanager
-def connect(spec="local", workers: int | None = None, echo=print):
+def connect(spec="local", workers: int | None = None, echo=print, threads_per_worker: int = 1):
     """Yield a Client for `spec` (or `spec` itself when it already is a Client) and close what was started here."""
     from distributed import Client
 
     if isinstance(spec, Client):
         yield spec
         return
-    client = make_client(spec, workers)
+    client = make_client(spec, workers, threads_per_worker)
     try:
         services = client.scheduler_info().get("services", {})
         link = client.dashboard_link if "dashboard" in services else "not available (install bokeh for it)"

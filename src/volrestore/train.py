@@ -139,25 +139,28 @@ class PatchSampler:
                 cond, target = cond[..., ::-1], target[..., ::-1]
         return np.ascontiguousarray(cond), np.ascontiguousarray(target)
 
-    def __call__(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
-        """The training batch for `iteration`: (cond, target), float32 (B, *patch)."""
-        return self._batch(1, iteration)
+    def __call__(self, iteration: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Samples lo..hi (default: all B) of the training batch for `iteration`: (cond, target), float32
+        (hi - lo, *patch). A DDP rank takes its slice of the global batch, which is the same whoever reads it."""
+        return self._batch(1, iteration, lo, self.batch if hi is None else hi)
 
-    def _batch(self, stream: int, iteration: int, n: int | None = None, val: bool = False):
-        rng = np.random.default_rng([self.seed, stream, iteration])
+    def _batch(self, stream: int, iteration: int, lo: int, hi: int, val: bool = False):
         y_lo, y_hi = (self.y_split, self.target.shape[-2]) if val else (0, self.y_split)
-        pairs = [self._draw(rng, y_lo, y_hi, (stream, iteration, b), not val) for b in range(n or self.batch)]
+        # One generator per sample, keyed by its index in the global batch, so any slice of the batch can be drawn
+        # alone (exact sharding across DDP ranks) and gives the same patches as drawing the whole batch.
+        pairs = [self._draw(np.random.default_rng([self.seed, stream, iteration, b]), y_lo, y_hi,
+                            (stream, iteration, b), not val) for b in range(lo, hi)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def validation(self, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """n fixed patches from the held-out region."""
         if self.y_split == self.target.shape[-2]:
             raise UserError("no validation region: set a validation fraction > 0")
-        return self._batch(2, 0, n, val=True)
+        return self._batch(2, 0, 0, n, val=True)
 
     def fit_normalisation(self, n_batches: int = 4) -> Normalisation:
         """Percentile normalisation from a few training batches (never the validation region)."""
-        batches = [self._batch(3, i) for i in range(n_batches)]
+        batches = [self._batch(3, i, 0, self.batch) for i in range(n_batches)]
         return Normalisation.fit(np.concatenate([b[0].ravel() for b in batches]),
                                  np.concatenate([b[1].ravel() for b in batches]))
 
@@ -256,17 +259,32 @@ def _seed(*ints) -> int:
     return int(noise.key(*ints)[0] % (2**63))
 
 
+# Counter tags that keep the per-iteration random streams apart (noise.key also hashes the counter's length).
+_DROPOUT, _SAMPLE = 1, 2
+
+
 def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: TrainConfig,
-          normalisation: Normalisation, *, provenance: dict | None = None, resume: bool = False,
+          normalisation: Normalisation, *, provenance: dict | None = None, resume: bool | str | Path = False,
           val: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu",
-          log: Callable[[dict], None] | None = None) -> dict:
-    """Train and write checkpoints to `out`; returns the final checkpoint dict.
+          log: Callable[[dict], None] | None = None) -> dict | None:
+    """Train and write checkpoints to `out`; returns the final checkpoint dict (None on DDP ranks other than 0).
 
     `batches(iteration) -> (cond, target)` float32 (B, *spatial) in intensity units. A function of the iteration
     rather than an iterator so that `resume` sees exactly the data a straight run would: together with per-iteration
     seeds for timesteps, noise and dropout, N + M iterations and N, then resume M, give identical weights.
+    `resume`: True continues from `out` when it exists, a path continues from that checkpoint.
+
+    Inside an initialised torch.distributed process group the net runs under DistributedDataParallel: rank r's
+    `batches` must return samples [r·B, (r+1)·B) of the global batch. Timesteps and noise are keyed by each sample's
+    global index, and DDP averages the ranks' mean-loss gradients, so N ranks of batch B follow 1 rank of batch N·B up
+    to all-reduce rounding (dropout masks, when the preset has dropout, are the one thing that differs). Only rank 0
+    validates, logs and writes checkpoints; the logged loss is the all-reduced global mean.
     """
+    import torch.distributed as dist
+
     cfg = config.resolved()
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     schedule = dfn.CosineSchedule(cfg.T, cfg.s)
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG state
         torch.manual_seed(_seed(cfg.seed, 0))
@@ -274,17 +292,22 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = 0, []
-    if resume and Path(out).exists():
-        ck = load_checkpoint(out, map_location=device)
-        mine = {"preset": cfg.preset, "objective": cfg.objective, "schedule": schedule.to_dict()}
-        theirs = {k: ck[k] for k in mine}
-        if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
-            raise UserError(f"cannot resume {out}: it was trained with a different preset, objective or schedule")
+    source = out if resume is True else resume
+    if source and Path(source).exists():
+        ck = load_checkpoint(source, map_location=device)
+        check_resumable(ck, cfg, source)
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         normalisation = Normalisation.from_dict(ck["normalisation"])
         start, history = ck["iteration"], ck.get("history", [])
+    # `net` keeps the plain module (its state_dict has no "module." prefix); `model` is what runs forward.
+    model = net
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[torch.device(device).index or 0]
+                                        if device.startswith("cuda") else None)
 
     def checkpoint(it):
         ck = {"preset": cfg.preset, "objective": cfg.objective, "schedule": schedule.to_dict(),
@@ -301,12 +324,11 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
         cond, target = batches(it)
         cond = torch.from_numpy(normalisation.input_to_unit(cond)[:, None]).float().to(device)
         x0 = torch.from_numpy(normalisation.target_to_unit(target)[:, None]).float().to(device)
-        g = torch.Generator().manual_seed(_seed(cfg.seed, it))
-        t = (1 - torch.rand(x0.shape[0], generator=g, dtype=torch.float64)) * cfg.T  # continuous t in (0, T]
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        first = rank * x0.shape[0]  # global index of this rank's first sample
+        t, eps = _timesteps_and_noise(cfg, it, range(first, first + x0.shape[0]), tuple(x0.shape[1:]))
         with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
-            torch.manual_seed(_seed(cfg.seed, it, 1))  # dropout, per iteration so resume replays it
-            loss = dfn.loss(net, x0, cond, schedule, cfg.objective, t.to(device), eps)
+            torch.manual_seed(_seed(cfg.seed, it, _DROPOUT))  # dropout, per iteration so resume replays it
+            loss = dfn.loss(model, x0, cond, schedule, cfg.objective, t.to(device), eps.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -314,6 +336,12 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - decay)
+        loss = loss.detach()
+        if ddp:
+            dist.all_reduce(loss)  # the global batch's mean loss, as one rank with the whole batch would log
+            loss /= world
+        if rank != 0:
+            continue
         done = it + 1
         record = {"iteration": done, "loss": loss.item(), "lr": _lr(cfg, it),
                   "it_per_s": (done - start) / (time.perf_counter() - t0)}
@@ -324,7 +352,29 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
             ck = checkpoint(done)
         if log:
             log(record)
+    if rank != 0:
+        return None
     return ck if ck is not None else load_checkpoint(out)
+
+
+def _timesteps_and_noise(cfg: TrainConfig, it: int, samples: range, shape: tuple) -> tuple[torch.Tensor, ...]:
+    """t (B,) in (0, T] and eps (B, *shape), each sample's from its own generator keyed by (seed, iteration, global
+    sample index): the numbers a sample gets never depend on the batch size or on which DDP rank holds it."""
+    t, eps = [], []
+    for j in samples:
+        g = torch.Generator().manual_seed(_seed(cfg.seed, it, _SAMPLE, j))
+        t.append((1 - torch.rand(1, generator=g, dtype=torch.float64)) * cfg.T)
+        eps.append(torch.randn(shape, generator=g))
+    return torch.cat(t), torch.stack(eps)
+
+
+def check_resumable(ck: dict, config: TrainConfig, where) -> None:
+    """UserError unless checkpoint `ck` was trained with the (resolved) config's preset, objective and schedule."""
+    mine = {"preset": config.preset, "objective": config.objective,
+            "schedule": dfn.CosineSchedule(config.T, config.s).to_dict()}
+    theirs = {k: ck[k] for k in mine}
+    if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+        raise UserError(f"cannot resume {where}: it was trained with a different preset, objective or schedule")
 
 
 def validate(net, schedule, norm: Normalisation, cond: np.ndarray, target: np.ndarray, seed: int = 0,

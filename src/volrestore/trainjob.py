@@ -1,0 +1,325 @@
+"""`volrestore train` on a Dask cluster: validate OME-Zarr training data, run the loop as worker tasks (DDP across
+workers), stream progress to the client, write the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+from . import __version__, nets, ngff
+from .cluster import connect, machine_cores, task_resources
+from .degrade import Degradation
+from .errors import UserError
+from .train import Normalisation, PatchSampler, TrainConfig, check_resumable, load_checkpoint, train
+
+WORKER_WAIT_S = 120  # how long DDP waits for N suitable workers to join (jobqueue jobs may queue)
+DDP_TIMEOUT_S = 600  # a rank stuck this long at a collective (a peer died) fails instead of hanging forever
+PROGRESS_EVERY_S = 0.25  # rank 0 sends at most this often (and at every validation): events are cheap, not free
+VAL_PATCHES = 8
+
+
+def partial_path(out) -> Path:
+    """Where rank 0 writes the periodic checkpoints that --resume continues from: next to `out`. The worker writes
+    it, so the client only sees it on a filesystem shared with the workers."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def parse_patch(text: str | None) -> tuple[int, ...] | None:
+    """'64x64', '8x64x64', '8,64,64' or '8 64 64' -> a tuple of ints."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in re.split(r"[x,\s]+", str(text).strip()) if v)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"cannot parse --patch {text!r}: give sizes like 64x64 (2D preset) or 16x64x64 (3D preset)")
+    return values
+
+
+class SpatialView:
+    """The spatial part (z, y, x or y, x) of one OME-Zarr level whose t / c axes have size 1, with numpy slicing read
+    lazily from the zarr array underneath (what PatchSampler needs)."""
+
+    def __init__(self, path: str, level: int):
+        self.array = ngff.open_level(path, level)
+        names = ngff.read_info(path).axis_names
+        self.lead = tuple(0 for a in names if a not in "zyx")  # NGFF puts t, c before the spatial axes
+        self.shape = tuple(self.array.shape[len(self.lead):])
+
+    def __getitem__(self, region):
+        return self.array[self.lead + tuple(region)]
+
+
+def describe_image(path, level: int, role: str) -> dict:
+    """Provenance of one training image; UserError for a bad level or several channels / time points."""
+    info = ngff.read_info(path)
+    if not 0 <= level < len(info.levels):
+        raise UserError(f"{role} {path} has {len(info.levels)} level(s); choose --level from 0 to "
+                        f"{len(info.levels) - 1}")
+    lvl = info.levels[level]
+    extra = {a.name: n for a, n in zip(info.axes, lvl.shape) if a.name not in "zyx" and n != 1}
+    if extra:
+        raise UserError(f"{role} {path} has {', '.join(f'{k}={v}' for k, v in extra.items())}: training uses one "
+                        "channel and time point; write that one to its own OME-Zarr first")
+    sp = [i for i, a in enumerate(info.axes) if a.name in "zyx"]
+    return {"path": str(Path(path).resolve()), "level": level, "axes": [info.axes[i].name for i in sp],
+            "shape": [lvl.shape[i] for i in sp], "voxel_size": [lvl.scale[i] for i in sp],
+            "unit": [info.axes[i].unit for i in sp]}
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a rank needs; small and picklable (data are opened by path on the worker, never shipped)."""
+
+    data: dict  # provenance "data": target / input descriptions, degrade spec, patch, global batch, ...
+    world: int
+    config: TrainConfig
+    normalisation: dict
+    provenance: dict
+    partial: str
+    resume: str | None
+    topic: str
+    device: str = "cpu"
+
+    def sampler(self) -> PatchSampler:
+        d = self.data
+        cond = SpatialView(d["input"]["path"], d["input"]["level"]) if d["input"] else None
+        return PatchSampler(SpatialView(d["target"]["path"], d["target"]["level"]), cond,
+                            degrade=Degradation.parse(d["degrade"]) if d["degrade"] else None,
+                            patch=tuple(d["patch"]), batch=d["batch"], seed=d["seed"],
+                            val_fraction=d["val_fraction"], ref=d["photon_reference"])
+
+
+def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
+                val_fraction=0.1, objective=None, level=0, seed=0, lr=None, checkpoint_every=None, resume=False,
+                overwrite=False, cluster="local", workers=1, echo=print, progress=True, command=None) -> dict:
+    """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
+
+    Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
+    spec. `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global
+    batch is N·batch, so N workers train exactly what one worker with batch N·batch would. Everything is validated
+    before the cluster starts; nothing is written on a UserError. `cluster` is a spec or a Client.
+    """
+    out, workers = Path(out), 1 if workers is None else workers
+    for name, value in (("--workers/--gpus", workers), ("--iterations", iterations), ("--batch", batch),
+                        ("--checkpoint-every", checkpoint_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+    preset_cfg = nets.load_preset(preset)
+    defaults = preset_cfg.get("train", {})
+    config = TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr, seed=seed,
+                         **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})).resolved()
+    if config.objective not in nets.OBJECTIVES:
+        raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
+    batch = batch or int(defaults.get("batch", 8))
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if (input is None) == (degrade is None):
+        raise UserError("give either --input LOW.ome.zarr (paired training) or --degrade SPEC, not both or neither")
+    deg = Degradation.parse(degrade) if degrade else None
+
+    tdesc = describe_image(target, level, "target")
+    idesc = describe_image(input, level, "input") if input else None
+    if idesc and (idesc["shape"], idesc["voxel_size"]) != (tdesc["shape"], tdesc["voxel_size"]):
+        raise UserError(f"input {input} (shape {idesc['shape']}, voxel size {idesc['voxel_size']}) and target "
+                        f"{target} (shape {tdesc['shape']}, voxel size {tdesc['voxel_size']}) differ: register "
+                        "and resample them onto the same grid")
+    dims = int(preset_cfg["spatial_dims"])
+    if dims > len(tdesc["shape"]):
+        raise UserError(f"preset {preset_cfg['name']} is 3D but {target} is 2D ({'x'.join(map(str, tdesc['shape']))}"
+                        f"): use a 2D preset ({', '.join(n for n in nets.preset_names() if '2d' in n)})")
+    patch = tuple(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)))
+    multiple = 2 ** (len(preset_cfg["channels"]) - 1)
+    if len(patch) != dims or any(p % multiple for p in patch):
+        raise UserError(f"--patch {'x'.join(map(str, patch))} does not fit preset {preset_cfg['name']}: give "
+                        f"{dims} sizes, each a multiple of {multiple}")
+    sampler = PatchSampler(SpatialView(target, level), SpatialView(input, level) if input else None, degrade=deg,
+                           patch=patch, batch=batch * workers, seed=seed, val_fraction=val_fraction)
+    data = {"target": tdesc, "input": idesc, "degrade": degrade, "photon_reference": sampler.ref,
+            "patch": list(patch), "batch": batch * workers, "val_fraction": val_fraction, "seed": seed}
+
+    source, start, norm = _resume_source(out, resume, overwrite, config, data)
+    if source is None:
+        norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
+    provenance = {"version": __version__, "command": command or "", "data": data, "workers": workers}
+    job = Job(data=data, world=workers, config=config, normalisation=norm.to_dict(), provenance=provenance,
+              partial=str(partial_path(out).resolve()), resume=str(Path(source).resolve()) if source else None,
+              topic=f"volrestore-train-{uuid.uuid4().hex}")
+
+    # A local cluster gets one worker per rank, each with its share of the cores for torch's threads.
+    threads = max(1, machine_cores() // workers)
+    with connect(cluster, workers, echo=echo, threads_per_worker=threads) as client:
+        resources = task_resources(client)
+        job = replace(job, device="cuda" if resources else "cpu",
+                      provenance={**provenance, "device": "cuda" if resources else "cpu"})
+        t0 = time.perf_counter()
+        result = _run(client, job, resources, start, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(result.pop("checkpoint"))
+    os.replace(tmp, out)  # atomic: `out` is either the old checkpoint or the new one
+    summary = {"out": str(out), **result, "workers": workers, "device": job.device,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    val = f", val PSNR {summary['val_psnr']:.2f} dB" if summary.get("val_psnr") is not None else ""
+    echo(f"trained {summary['iteration']} iterations (loss {summary['loss']:.4g}{val}) on {workers} "
+         f"{job.device} worker(s) -> {out}")
+    return summary
+
+
+def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig, data: dict):
+    """(checkpoint path or None, its iteration, its Normalisation or None) after the output checks."""
+    partial = partial_path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a checkpoint file name such as model.pt")
+    if not resume:
+        if overwrite:
+            return None, 0, None
+        for path, what in ((out, "exists"), (partial, "holds an interrupted run")):
+            if path.exists():
+                raise UserError(f"{path} {what}: pass --resume to continue training it or --overwrite to start over")
+        return None, 0, None
+    source = partial if partial.exists() else out if out.exists() else None
+    if source is None:
+        return None, 0, None  # nothing to continue: a fresh start, as train(resume=True) does
+    ck = load_checkpoint(source)
+    check_resumable(ck, config, source)
+    theirs = (ck.get("provenance") or {}).get("data") or {}
+    changed = [k for k in data if k != "photon_reference" and theirs.get(k) != data[k]]  # that one is derived
+    if changed:  # resume replays the data by (seed, iteration): other data would silently break that
+        raise UserError(f"cannot resume {source}: it was trained with different {', '.join(changed)}; train a new "
+                        "model with --overwrite or another --out")
+    if ck["iteration"] >= config.iterations:
+        raise UserError(f"{source} has already trained {ck['iteration']} iterations: give --iterations above that")
+    return source, ck["iteration"], Normalisation.from_dict(ck["normalisation"])
+
+
+# ---- client side: pick workers, rendezvous, submit ranks, stream progress -------------------------------------------
+
+def _run(client, job: Job, resources, start: int, progress: bool) -> dict:
+    workers = _pick_workers(client, job.world, resources)
+    rendezvous = None
+    if job.world > 1:  # rank 0's host and a port free there, found by a small task on that very worker
+        port = client.submit(_free_port, workers=[workers[0]], allow_other_workers=False, pure=False).result()
+        rendezvous = f"{urlparse(workers[0]).hostname}:{port}"
+    # retries=0: a retried rank would wait for peers of a process group that no longer exists.
+    futures = [client.submit(_run_rank, job, rank, rendezvous, key=f"{job.topic}-rank{rank}", workers=[w],
+                             allow_other_workers=False, resources=resources, pure=False, retries=0)
+               for rank, w in enumerate(workers)]
+    latest: dict = {}
+    client.subscribe_topic(job.topic, lambda event: latest.update(event[1]))
+    try:
+        _follow(futures, workers, latest, job.config.iterations, start, progress)
+        return futures[0].result()
+    finally:
+        client.unsubscribe_topic(job.topic)
+        client.cancel([f for f in futures if not f.done()])
+
+
+def _pick_workers(client, n: int, resources) -> list[str]:
+    """n distinct worker addresses (GPU workers when the cluster has them), waiting up to WORKER_WAIT_S."""
+    deadline = time.monotonic() + WORKER_WAIT_S
+    while True:
+        info = client.scheduler_info(n_workers=-1).get("workers", {})
+        fit = sorted(a for a, w in info.items() if not resources or w.get("resources", {}).get("GPU"))
+        if len(fit) >= n:
+            return fit[:n]
+        if time.monotonic() > deadline:
+            kind = "GPU workers" if resources else "workers"
+            raise UserError(f"training on {n} {kind} but the cluster has {len(fit)} after {WORKER_WAIT_S}s: use "
+                            f"--workers/--gpus {max(len(fit), 1)} or a larger cluster")
+        time.sleep(0.5)
+
+
+def _follow(futures, workers, latest: dict, total: int, start: int, progress: bool) -> None:
+    """Show a progress bar from rank 0's events until every rank has finished; one line for a failed rank."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("it"),
+               TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("training", total=total, completed=start, stats="")
+        while True:
+            for rank, fut in enumerate(futures):
+                if fut.status == "error":
+                    exc = fut.exception()
+                    if isinstance(exc, UserError):
+                        raise exc
+                    msg = str(exc).splitlines()[0] if str(exc) else ""
+                    raise UserError(f"training failed on {workers[rank]} (rank {rank}): {type(exc).__name__}: "
+                                    f"{msg}") from None
+            if all(f.status == "finished" for f in futures):
+                return
+            if latest:
+                rec = dict(latest)
+                psnr = f"  val {rec['val_psnr']:.2f} dB" if "val_psnr" in rec else ""
+                bar.update(task, completed=rec["iteration"],
+                           stats=f"loss {rec['loss']:.4g}  {rec['it_per_s']:.2f} it/s{psnr}")
+            time.sleep(0.2)
+
+
+# ---- worker side ---------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class _Reporter:
+    """rank 0's `log`: sends records as worker events (fire-and-forget, unlike a Queue put), throttled."""
+
+    def __init__(self, topic: str):
+        from distributed import get_worker
+
+        self.worker, self.topic, self.last, self.val = get_worker(), topic, 0.0, {}
+
+    def __call__(self, record: dict) -> None:
+        if "val_psnr" in record:
+            self.val = {"val_psnr": record["val_psnr"]}  # keep showing the last validation between checkpoints
+        now = time.monotonic()
+        if "val_psnr" in record or now - self.last >= PROGRESS_EVERY_S:
+            self.worker.log_event(self.topic, {**self.val, **record})
+            self.last = now
+
+
+def _run_rank(job: Job, rank: int, rendezvous: str | None) -> dict | None:
+    """One rank of the training: its slice of every global batch, read from the OME-Zarr on this worker. Rank 0
+    returns the final checkpoint's bytes (and removes its partial file); other ranks return None."""
+    import torch
+    import torch.distributed as dist
+
+    if job.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if job.world > 1:
+        if job.device == "cuda":
+            torch.cuda.set_device(0)  # dask-cuda pins one GPU per worker: it is device 0 here
+        dist.init_process_group("nccl" if job.device == "cuda" else "gloo", init_method=f"tcp://{rendezvous}",
+                                rank=rank, world_size=job.world, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    try:
+        sampler = job.sampler()
+        per = sampler.batch // job.world
+        val = sampler.validation(VAL_PATCHES) if rank == 0 and job.data["val_fraction"] > 0 else None
+        ck = train(lambda it: sampler(it, rank * per, (rank + 1) * per), job.partial, job.config,
+                   Normalisation.from_dict(job.normalisation), provenance=job.provenance,
+                   resume=job.resume or False, val=val, device=job.device,
+                   log=_Reporter(job.topic) if rank == 0 else None)
+    finally:
+        if job.world > 1:
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    partial = Path(job.partial)
+    data = partial.read_bytes()
+    partial.unlink()  # the client writes --out from these bytes; nothing is left to resume from
+    last = ck["history"][-1]
+    return {"checkpoint": data, "iteration": ck["iteration"], "hash": ck["hash"], "loss": last["loss"],
+            "val_psnr": last.get("val_psnr"), "it_per_s": last["it_per_s"]}

@@ -1,0 +1,148 @@
+"""`volrestore train` through a Dask cluster on real OME-Zarr files: DDP (gloo, 2 workers) equals 1 worker with the
+doubled batch, CLI train -> restore, --resume, every bad input, and `volrestore models`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _io_helpers import assert_user_error, cli
+
+from volrestore import catalog, ngff, synthetic
+from volrestore.train import load_checkpoint
+from volrestore.trainjob import partial_path, train_image
+
+torch.set_num_threads(1)
+DEGRADE = "poisson:photons=10,read=1,seed=1"
+# tiny-2d, 16x16 patches; the last third of y is the validation region.
+SHORT = ["--preset", "tiny-2d", "--patch", "16x16", "--batch", "2", "--val-fraction", "0.34", "--workers", "1"]
+
+
+def make_image(path, data, axes="zyx", scale=None):
+    ngff.create_image(path, shape=data.shape, dtype=data.dtype, axes=list(axes), chunks=(2, 16, 16)[-data.ndim:],
+                      scale=scale or [1.0] * data.ndim)
+    ngff.open_level(path, 0, mode="r+")[...] = data
+    ngff.set_complete(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    clean = (synthetic.phantom((4, 48, 48), seed=1) * 1000).astype("uint16")
+    noisy = (clean + np.random.default_rng(0).poisson(50, clean.shape)).astype("uint16")
+    return {"clean": make_image(d / "clean.ome.zarr", clean), "noisy": make_image(d / "noisy.ome.zarr", noisy),
+            "other_voxel": make_image(d / "vox.ome.zarr", clean, scale=[2.0, 1.0, 1.0]),
+            "small": make_image(d / "small.ome.zarr", clean[:, :24, :24]),
+            "flat": make_image(d / "flat.ome.zarr", clean[0], axes="yx")}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two local worker processes (one torch thread each), shared by the DDP test's runs."""
+    from volrestore.cluster import make_client
+
+    client = make_client("local", workers=2)
+    yield client
+    client.close()
+    client.volrestore_cluster.close()
+
+
+def test_ddp_two_workers_match_one_worker_with_doubled_batch(images, cluster, tmp_path):
+    """The global batch of iteration i is defined by (seed, i) and each sample's timestep and noise by its global
+    index, so 2 gloo ranks of batch 2 follow 1 worker of batch 4; only all-reduce rounding may differ."""
+    common = dict(degrade=DEGRADE, preset="tiny-2d", patch=(16, 16), iterations=8, checkpoint_every=1,
+                  val_fraction=0, lr=2e-3, cluster=cluster, progress=False, echo=lambda *a: None)
+    one = train_image(images["clean"], tmp_path / "one.pt", batch=4, workers=1, **common)
+    two = train_image(images["clean"], tmp_path / "two.pt", batch=2, workers=2, **common)
+    a, b = load_checkpoint(one["out"]), load_checkpoint(two["out"])
+    la, lb = (np.array([r["loss"] for r in ck["history"]]) for ck in (a, b))
+    assert len(la) == 8 and la[0] != la[-1]
+    np.testing.assert_allclose(lb, la, rtol=1e-4)  # measured: max rel. difference ~1e-7
+    for k, v in a["model"].items():  # DDP's wrapper leaves no "module." prefix; weights agree too
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-6)
+    assert a["provenance"]["data"]["batch"] == b["provenance"]["data"]["batch"] == 4
+    assert b["provenance"]["workers"] == 2 and not partial_path(two["out"]).exists()
+
+
+def test_train_cli_then_restore_then_resume(images, cluster, tmp_path):
+    out, addr = tmp_path / "m.pt", cluster.scheduler.address
+    result = cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 4,
+                 "--checkpoint-every", 2, "--out", out)  # the default: a local cluster of its own
+    assert result.exit_code == 0, (result.output, result.exception)
+    ck = load_checkpoint(out)
+    assert ck["iteration"] == 4 and "val_psnr" in ck["history"][-1] and not partial_path(out).exists()
+    data = ck["provenance"]["data"]
+    assert data["target"]["shape"] == [4, 48, 48] and data["target"]["voxel_size"] == [1.0, 1.0, 1.0]
+    assert data["degrade"] == DEGRADE and data["input"] is None and ck["provenance"]["command"].startswith("volrestore")
+
+    restored = tmp_path / "r.ome.zarr"
+    result = cli("restore", images["noisy"], restored, "--model", out, "--steps", 2, "--tile", 1, 16, 16,
+                 "--overlap", 4, "--cluster", addr)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert np.isfinite(ngff.open_level(str(restored), 0)[...]).all()
+
+    assert_user_error(cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--out", out),
+                      contains="--resume")  # exists: neither resumed nor overwritten silently
+    result = cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 6,
+                 "--checkpoint-every", 2, "--out", out, "--resume", "--cluster", addr)
+    assert result.exit_code == 0, (result.output, result.exception)
+    resumed = load_checkpoint(out)
+    assert resumed["iteration"] == 6 and [r["iteration"] for r in resumed["history"]] == [2, 4, 6]
+    assert_user_error(cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 6,
+                          "--patch", "8x8", "--out", out, "--resume"), contains="different patch")
+
+
+def test_paired_training_records_both_images(images, cluster, tmp_path):
+    summary = train_image(images["clean"], tmp_path / "p.pt", input=images["noisy"], preset="tiny-2d",
+                          patch=(16, 16), batch=2, iterations=2, val_fraction=0.34, cluster=cluster, progress=False,
+                          echo=lambda *a: None)
+    data = load_checkpoint(summary["out"])["provenance"]["data"]
+    assert data["input"]["path"].endswith("noisy.ome.zarr") and data["degrade"] is None
+
+
+@pytest.mark.parametrize("case,contains", [
+    (["--input", "{other_voxel}"], "voxel size"),
+    (["--input", "{small}"], "differ"),
+    (["--degrade", DEGRADE, "--patch", "64x64"], "does not fit into the volume"),
+    (["--degrade", DEGRADE, "--preset", "tiny-3d", "--target", "{flat}"], "is 3D but"),
+    (["--degrade", DEGRADE, "--preset", "paper-3d"], "unknown preset"),
+    (["--degrade", "gauss:sigma=2"], "cannot parse degradation"),
+    (["--degrade", DEGRADE, "--input", "{noisy}"], "not both"),
+    (["--degrade", DEGRADE, "--patch", "8x8x8"], "does not fit preset"),
+    (["--degrade", DEGRADE, "--patch", "big"], "cannot parse --patch"),
+    (["--degrade", DEGRADE, "--target", "{missing}"], "does not exist"),
+    (["--degrade", DEGRADE, "--gpus", "0"], "--workers/--gpus must be"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(images, tmp_path, case, contains):
+    paths = {**images, "missing": str(tmp_path / "nope.ome.zarr")}
+    args = ["--target", images["clean"], *SHORT, "--iterations", 2]
+    args += [str(a).format(**paths) for a in case]  # click keeps the last of a repeated option
+    out = tmp_path / "m.pt"
+    assert_user_error(cli("train", *args, "--out", out), out, partial_path(out), contains=contains)
+
+
+def test_models_lists_shipped_and_local_checkpoints(images, cluster, tmp_path, monkeypatch):
+    train_image(images["clean"], tmp_path / "a.pt", degrade=DEGRADE, preset="tiny-2d", patch=(16, 16), batch=2,
+                iterations=2, val_fraction=0.34, cluster=cluster, progress=False, echo=lambda *a: None)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    result = cli("models", tmp_path, "--json")
+    assert result.exit_code == 0, (result.output, result.exception)
+    local = [m for m in json.loads(result.stdout) if m["source"] == "local"]
+    good, junk = sorted(local, key=lambda m: m["name"])
+    assert (good["preset"], good["objective"], good["iteration"], good["spatial_dims"]) == ("tiny-2d", "v", 2, 2)
+    assert 1e4 < good["parameters"] < 1e6 and good["size_bytes"] > 0 and len(good["hash"]) == 64
+    assert "clean.ome.zarr (4x48x48) + degrade poisson" in good["training_data"]
+    assert "not a volrestore model" in junk["error"]
+    table = cli("models", tmp_path)
+    assert table.exit_code == 0 and "tiny-2d" in table.stdout and good["hash"][:12] in table.stdout
+    assert_user_error(cli("models", tmp_path / "nowhere"), contains="does not exist")
+
+    shipped = tmp_path / "package_models"  # stands in for volrestore/models/ (default.pt may not be there yet)
+    shipped.mkdir()
+    shutil.copy(tmp_path / "a.pt", shipped / "default.pt")
+    monkeypatch.setattr(catalog, "shipped_dir", lambda: shipped)
+    monkeypatch.chdir(shipped)  # no DIR: the current directory, here the same folder, listed once
+    (entry,) = catalog.list_models()
+    assert (entry["name"], entry["source"], entry["hash"]) == ("default", "shipped", good["hash"])
