@@ -181,6 +181,7 @@ def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_
             result[f"slice_{key}_mean"] = float(np.mean(values))
     if s_img is not None:
         result["calibration_2std"] = covered / cov_n
+    result["seam_ratio"] = seam_check(pred, level=level)
     if per_slice_csv:
         write_rows(per_slice_csv, rows)
     result["slices"] = rows
@@ -239,6 +240,7 @@ def no_reference(restored, raw, *, level=0, block_planes=DEFAULT_BLOCK_PLANES) -
         "residual_mean": float(residual.mean()),
         "residual_mean_variance": {"mean": means.tolist(), "variance": variances.tolist()},
     }
+    result["seam_ratio"] = seam_check(restored, level=level)
     if "t" in raw_img.names and raw_img.array.shape[raw_img.names.index("t")] > 1:
         result["neighbour_frames"] = _frame_agreement(out_img, raw_img, z0, z1)
     return result
@@ -274,3 +276,41 @@ def reliability(pred, std, ref, *, level=0, max_voxels=2_000_000):
 def _strided(array, max_voxels):
     step = int(np.ceil((np.prod(array.shape) / max_voxels) ** (1 / array.ndim)))
     return np.asarray(array[tuple(slice(None, None, step) for _ in array.shape)])
+
+
+def seam_check(restored, *, level=0, max_planes=64) -> float | None:
+    """Gradient energy across the engine's tile borders ÷ elsewhere (≈ 1: no seams), on a central slab.
+
+    The tile grid comes from the image's volrestore provenance; None when the image has none (not written by
+    `volrestore restore`) or a level other than the one restored is asked for.
+    """
+    from .grid import AxisGrid, fitted_tile
+
+    image = _Image(restored, level, "restored")
+    params = (image.info.provenance or {}).get("parameters", {})
+    if "tile" not in params or level != params.get("level", 0) or level != 0:
+        return None
+    spatial = [n for n in image.names if n in "zyx"]
+    tile = list(params["tile"])
+    tile = [1] * (len(spatial) - len(tile)) + tile  # 2D restorers record (y, x) tiles: z tiles are single planes
+    overlap = params.get("overlap", 0)
+    overlap = [overlap] * len(spatial) if isinstance(overlap, int) else [0] * (len(spatial) - len(overlap)) + list(overlap)
+    z0 = max(0, image.depth // 2 - max_planes // 2)
+    z1 = min(image.depth, z0 + max_planes)
+    block = image.read(image.leads[0], z0, z1)
+    borders = {}
+    shape3 = image.shape if len(image.shape) == 3 else (1, *image.shape)
+    for axis, (n, t, o) in enumerate(zip(shape3[-len(spatial):], tile, overlap)):
+        grid = AxisGrid(n, fitted_tile(n, t, o, 1), o)
+        edges = set()
+        for k in range(grid.count):
+            for p in (grid.start(k), grid.start(k) + grid.tile, grid.start(k) + o, grid.start(k) + grid.tile - o):
+                if 0 < p < n:
+                    edges.add(p)
+        axis3 = axis + 3 - len(spatial)
+        if axis3 == 0:
+            edges = {p - z0 for p in edges if z0 < p < z1}
+        if edges and block.shape[axis3] > 1:
+            borders[axis3] = sorted(edges)
+    ratio = metrics.seam_ratio(block, borders) if borders else None
+    return None if ratio is None or not math.isfinite(ratio) else ratio
