@@ -20,17 +20,6 @@ TILE = ["--tile", 16, 16, 16, "--overlap", 4]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One small 2-worker local cluster for the module (tests pass its address as --cluster tcp://...)."""
-    from volrestore.cluster import make_client
-
-    client = make_client("local", workers=2)
-    yield client
-    client.close()
-    client.volrestore_cluster.close()
-
-
-@pytest.fixture(scope="module")
 def addr(cluster):
     return cluster.scheduler.address
 

@@ -38,17 +38,6 @@ def images(tmp_path_factory):
             "flat": make_image(d / "flat.ome.zarr", clean[0], axes="yx")}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """Two local worker processes (one torch thread each), shared by the DDP test's runs."""
-    from volrestore.cluster import make_client
-
-    client = make_client("local", workers=2)
-    yield client
-    client.close()
-    client.volrestore_cluster.close()
-
-
 def test_ddp_two_workers_match_one_worker_with_doubled_batch(images, cluster, tmp_path):
     """The global batch of iteration i is defined by (seed, i) and each sample's timestep and noise by its global
     index, so 2 gloo ranks of batch 2 follow 1 worker of batch 4; only all-reduce rounding may differ."""
