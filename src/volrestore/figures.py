@@ -91,17 +91,23 @@ def _scale_bar(ax, width_px, pixel_size, unit):
             color="white", ha="center", va="top", fontsize=7)
 
 
-def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None, percentiles=(0.5, 99.8)) -> Path:
+def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None, percentiles=(0.5, 99.8),
+           contrast_from=0, own_contrast=()) -> Path:
     """Draw the same slice (or orthogonal views, or MIPs) of several images side by side with one contrast.
 
-    view: "slices" (z plane), "ortho" (xy, xz, yz through the centre) or "mip" (max projections along z, y, x).
-    zoom: optional (y0, y1, x0, x1) region drawn as an inset row below.
+    view: "slices" (z plane), "ortho" (xy, xz, yz through the centre), "mip" (max projections along z, y, x), or
+    several of them ("slices,mip" or a list), drawn as rows one after the other.
+    contrast_from: index of the image whose percentiles set the shared contrast (e.g. the clean reference).
+    own_contrast: indices of images drawn each with their own contrast (e.g. a std image, in other units).
+    zoom: optional (y0, y1, x0, x1) region of the first row drawn as an inset row below.
     """
     out = check_writable(out)
     if not paths:
         raise UserError("give at least one image to draw")
-    if view not in ("slices", "ortho", "mip"):
-        raise UserError(f"unknown view {view!r}; use slices, ortho or mip")
+    views = view.split(",") if isinstance(view, str) else list(view)
+    bad = [v for v in views if v not in ("slices", "ortho", "mip")]
+    if bad or not views:
+        raise UserError(f"unknown view {','.join(bad) or view!r}; use slices, ortho or mip (or several, comma-separated)")
     volumes = [_volume(p, level) for p in paths]
     shape = volumes[0][0].shape
     for p, (v, _, _) in zip(paths, volumes):
@@ -110,34 +116,43 @@ def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None
     zc = shape[0] // 2 if z is None else int(z)
     if not 0 <= zc < shape[0]:
         raise UserError(f"slice z={zc} is outside 0..{shape[0] - 1}; choose another --z")
-    rows = []
-    for v, _, _ in volumes:
-        if view == "slices":
-            rows.append([np.asarray(v[zc], np.float64)])
-        elif view == "ortho":
-            rows.append([np.asarray(v[zc], np.float64), np.asarray(v[:, shape[1] // 2, :], np.float64),
-                         np.asarray(v[:, :, shape[2] // 2], np.float64)])
-        else:
-            rows.append([np.asarray(v.max(axis=a).compute(), np.float64) for a in (0, 1, 2)])
-    # One contrast for all panels, from the first image (usually the raw or reference one).
-    lo, hi = np.percentile(np.concatenate([p.ravel() for p in rows[0]]), percentiles)
+    if not 0 <= contrast_from < len(paths):
+        raise UserError(f"contrast_from={contrast_from} is not an image index 0..{len(paths) - 1}")
+    rows, view_names = [[] for _ in volumes], []
+    for kind in views:
+        view_names += {"slices": [f"z = {zc}"], "ortho": ["xy", "xz", "yz"], "mip": ["MIP z", "MIP y", "MIP x"]}[kind]
+        for row, (v, _, _) in zip(rows, volumes):
+            if kind == "slices":
+                row.append(np.asarray(v[zc], np.float64))
+            elif kind == "ortho":
+                row += [np.asarray(v[zc], np.float64), np.asarray(v[:, shape[1] // 2, :], np.float64),
+                        np.asarray(v[:, :, shape[2] // 2], np.float64)]
+            else:
+                row += [np.asarray(v.max(axis=a).compute(), np.float64) for a in (0, 1, 2)]
+    # The yz and MIP-x panels are (z, y): their width runs along y.
+    width_axis = [1 if name in ("yz", "MIP x") else 2 for name in view_names]
+
+    def contrast(row):
+        return np.percentile(np.concatenate([p.ravel() for p in row]), percentiles)
+
+    shared = contrast(rows[contrast_from])  # one contrast for all panels, so intensities compare directly
     plt = _pyplot()
     ncol = len(paths)
     nrow = len(rows[0]) + (1 if zoom else 0)
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.6 * nrow), dpi=110, squeeze=False)
     names = titles or [Path(p).name.replace(".ome.zarr", "") for p in paths]
-    view_names = {"slices": [f"z = {zc}"], "ortho": ["xy", "xz", "yz"], "mip": ["MIP z", "MIP y", "MIP x"]}[view]
     for j, (row, (_, scale, unit)) in enumerate(zip(rows, volumes)):
+        lo, hi = contrast(row) if j in own_contrast else shared
         for i, img in enumerate(row):
             ax = axes[i][j]
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(names[j], fontsize=9)
+                ax.set_title(names[j] + (" (own contrast)" if j in own_contrast else ""), fontsize=9)
             if j == 0:
                 ax.set_ylabel(view_names[i], fontsize=8)
-            _scale_bar(ax, img.shape[1], scale[2] if (view != "mip" or i < 2) else scale[1], unit)
+            _scale_bar(ax, img.shape[1], scale[width_axis[i]], unit)
         if zoom:
             y0, y1, x0, x1 = zoom
             ax = axes[-1][j]
