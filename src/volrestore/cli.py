@@ -393,18 +393,17 @@ def _print_models(models):
 @click.option("--samples", "-K", type=click.IntRange(min=1), default=4, show_default=True,
               help="Samples averaged per tile (>= 2 also writes their std).")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Sampler steps.")
-@click.option("--size", default=None, help="Sample volume ZxYxX [32x96x96].")
-@click.option("--workers", type=int, default=None, help="Local Dask workers (default: one per core).")
+@click.option("--size", default=None, help="Sample volume ZxYxX [32x64x64].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the model [all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace the demo's files in OUTDIR.")
-def demo_cmd(outdir, samples, steps, size, workers, overwrite):
+def demo_cmd(outdir, samples, steps, size, threads, overwrite):
     """Degrade a synthetic volume, restore it with the default model on a local Dask cluster, write OME-Zarr images
     and a PNG into OUTDIR, and print PSNR/SSIM before and after. Offline; a few minutes on a laptop CPU."""
     from . import demo
     from .benchmark import parse_size
 
     shape = parse_size(size, 0) if size else demo.SHAPE
-    demo.run(outdir, samples=samples, steps=steps, shape=shape, workers=workers, overwrite=overwrite,
-             echo=click.echo)
+    demo.run(outdir, samples=samples, steps=steps, shape=shape, threads=threads, overwrite=overwrite, echo=click.echo)
 
 
 @main.command("degrade")
