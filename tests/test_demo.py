@@ -55,3 +55,25 @@ def test_restore_with_default_model(demo_run, tmp_path):
     info = ngff.read_info(restored)
     assert info.complete and info.provenance["parameters"]["model"] == str(default_model_path())
     assert ngff.read_info(tmp_path / "r.std.ome.zarr").complete
+
+
+def test_default_model_adapts_to_the_image_intensity_units(demo_run, tmp_path):
+    """normalise=image (the default model's default): gain and offset of the camera do not change the restoration."""
+    import numpy as np
+
+    out, _ = demo_run
+    degraded = ngff.open_level(out / "degraded.ome.zarr")[...]
+    scaled = tmp_path / "scaled.ome.zarr"
+    ngff.create_image(scaled, shape=degraded.shape, dtype="float32", axes=list("zyx"), scale=[1, 1, 1],
+                      chunks=degraded.shape)
+    ngff.open_level(scaled, 0, mode="r+")[...] = degraded * 700 + 100  # other camera units
+    results = {}
+    for name, src in (("native", out / "degraded.ome.zarr"), ("scaled", scaled)):
+        dst = tmp_path / f"{name}.out.ome.zarr"
+        result = CliRunner().invoke(main, ["restore", str(src), str(dst), "--model", "default", "--steps", "2",
+                                           "--workers", "1"])
+        assert result.exit_code == 0, result.output
+        results[name] = ngff.open_level(dst)[...].astype(np.float64)
+        params = ngff.read_info(dst).provenance["parameters"]
+        assert params["normalise"] == "image" and len(params["input_range"]) == 2
+    assert np.allclose(results["scaled"], results["native"] * 700 + 100, rtol=1e-4, atol=1e-2)

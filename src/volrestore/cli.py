@@ -141,6 +141,9 @@ def _print_info(info):
 @click.option("--sampler", default=None, help="Model option: sampler (diffusion).")
 @click.option("--steps", type=int, default=None, help="Model option: sampler steps (diffusion).")
 @click.option("--std", is_flag=True, default=None, help="Model option: also write the per-voxel std of the samples.")
+@click.option("--normalise", type=click.Choice(["image", "model"]), default=None,
+              help="Model option (diffusion): map this image's 0.1-99.9 percentiles onto the training data's "
+                   "(image; the default model's default) or use the checkpoint's own intensity map (model).")
 def restore_command(src, out, tile, chunks, block, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""
     from .engine import restore

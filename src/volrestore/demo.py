@@ -17,7 +17,6 @@ from .errors import UserError
 SEED = 9000
 SHAPE = (32, 64, 64)
 DEGRADATION = "poisson:photons=10,read=1"
-TILE, OVERLAP = 128, 8
 VOXEL_SIZE = (1.0, 0.4, 0.4)  # micrometres (z, y, x): anisotropic like the phantom's PSF
 NAMES = ("clean", "degraded", "restored")
 
@@ -31,13 +30,12 @@ def _write(path, data: np.ndarray, provenance: dict, overwrite: bool) -> None:
 
 
 def run(outdir, *, samples: int = 4, steps: int = 10, sampler: str = "dpmpp2m", shape=SHAPE, seed: int = SEED,
-        degradation: str = DEGRADATION, model: str = "default", tile=(TILE,) * 3, overlap: int = OVERLAP,
+        degradation: str = DEGRADATION, model: str = "default", tile=None, overlap: int | None = None,
         threads: int | None = None, overwrite: bool = False, echo=print) -> dict:
     """Run the demo into `outdir`; returns the metrics and paths. `samples` >= 2 also writes the per-voxel std.
 
     A demo volume is one write-block, so it runs on one local worker whose `threads` (default: all cores) all go to
-    torch inside the model call; a sample of <= TILE - 2 * OVERLAP voxels per axis is a single tile (the engine
-    shrinks the tile to the volume plus its reflected overlap), so no voxel is computed twice.
+    torch inside the model call. Tiles default to the model's (its training patch: larger tiles restore worse).
     """
     out = Path(outdir)
     paths = {name: out / f"{name}.ome.zarr" for name in NAMES}
@@ -67,7 +65,7 @@ def run(outdir, *, samples: int = 4, steps: int = 10, sampler: str = "dpmpp2m", 
     t1 = time.perf_counter()
     with connect("local", workers=1, threads_per_worker=threads or machine_cores(), echo=echo) as client:
         restore(paths["degraded"], paths["restored"], model=model, samples=samples, steps=steps, sampler=sampler,
-                std=samples >= 2 or None, tile=list(tile), overlap=overlap, cluster=client, overwrite=overwrite,
+                std=samples >= 2 or None, tile=list(tile) if tile else None, overlap=overlap, cluster=client, overwrite=overwrite,
                 progress=False, command="volrestore demo", echo=echo)
     restore_s = time.perf_counter() - t1
 

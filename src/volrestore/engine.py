@@ -161,6 +161,11 @@ def _prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtyp
     if not 0 <= level < len(info.levels):
         raise UserError(f"{input} has {len(info.levels)} level(s); choose --level from 0 to {len(info.levels) - 1}")
     spec = restorers.resolve(model, **model_options)
+    options = dict(spec.options)
+    if options.get("normalise") == "image" and options.get("input_range") is None:
+        # The model adapts to this image's intensities: measure them once, record them (provenance, --resume).
+        spec = restorers.resolve(model, **{**model_options, "normalise": "image",
+                                           "input_range": _input_range(input, level)})
     lvl = info.levels[level]
     axes = tuple(info.axis_names)
     spatial = [a for a in axes if a in "zyx"]
@@ -171,8 +176,9 @@ def _prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtyp
     r_axes = ["z", "y", "x"][3 - spec.spatial_dims :]
     if spec.spatial_dims == 3 and "z" not in spatial:
         raise UserError(f"model {spec.name} is 3D but {input} has no z axis; use a 2D model (e.g. dims=2)")
-    if tile is None:
-        tile = [spec.default_tile] * spec.spatial_dims
+    if tile is None:  # an int for any model, or a per-axis tuple (a network's training patch)
+        d = spec.default_tile
+        tile = list(d) if isinstance(d, (tuple, list)) else [d] * spec.spatial_dims
     tile = [int(t) for t in tile]
     if spec.spatial_dims == 2 and len(tile) == 3:
         if tile[0] != 1:
@@ -228,6 +234,32 @@ def _prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtyp
         fill_nan=nan == "fill", mask=mask_plan,
     )
     return plan, spec, info, json.loads(json.dumps(params))
+
+
+def _input_range(path, level, max_voxels=20_000_000) -> tuple[float, float]:
+    """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
+    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; from evenly spaced whole planes (bounded reading)."""
+    from scipy import ndimage
+
+    array = ngff.open_level(path, level)
+    names = ngff.read_info(path).axis_names
+    plane_axes = [i for i, a in enumerate(names) if a in "yx"]
+    plane = int(np.prod([array.shape[i] for i in plane_axes]))
+    leading = [i for i, a in enumerate(names) if a not in "yx"]
+    count = int(np.prod([array.shape[i] for i in leading])) if leading else 1
+    step = max(1, -(-count * plane // max_voxels))
+    raw, smooth = [], []
+    for flat in range(0, count, step):
+        index = [slice(None)] * len(names)
+        for i, k in zip(leading, np.unravel_index(flat, [array.shape[i] for i in leading])):
+            index[i] = int(k)
+        values = np.nan_to_num(np.asarray(array[tuple(index)], np.float64))
+        raw.append(values.ravel())
+        smooth.append(ndimage.gaussian_filter(values, 1.0).ravel())
+    background, bright = float(np.median(np.concatenate(raw))), float(np.percentile(np.concatenate(smooth), 99.9))
+    if not bright > background:
+        raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
+    return background, bright
 
 
 def _mask_plan(mask, info, level, spatial, sp_idx):

@@ -38,7 +38,7 @@ class RestorerSpec:
     spatial_dims: int = 3
     size_multiple: int = 1
     outputs: tuple[str, ...] = ("mean",)
-    default_tile: int = 64
+    default_tile: int | tuple[int, ...] = 64  # or per axis, e.g. a network's training patch
     default_overlap: int = 8
     # Options that change nothing in the result (e.g. a test-only delay) and so never block --resume.
     volatile: tuple[str, ...] = ("sleep", "oom_at")
