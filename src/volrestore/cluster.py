@@ -135,6 +135,12 @@ def connect(spec="local", workers: int | None = None, echo=print, threads_per_wo
         yield client
     finally:
         cluster = getattr(client, "volrestore_cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        # Shutting down must not fail a command whose work is done: on an overloaded machine a worker process can
+        # take longer than distributed's kill timeout to exit, and that TimeoutError used to discard a finished
+        # training run (its checkpoint is written after this block).
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        except TimeoutError:
+            echo("warning: the local Dask cluster was slow to shut down (timeout); its processes are being killed")
