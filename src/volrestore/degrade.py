@@ -137,17 +137,10 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
         if n in "yx" and deg.down > 1:  # binning stays aligned to the global grid when chunks are multiples of d
             chunks[i] = max(deg.down, chunks[i] // deg.down * deg.down)
     out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
-    # One pass over the image for the reference intensity (its 99.9th percentile).
-    lo, hi = float("inf"), float("-inf")
+    # The reference intensity (the image's 99.9th percentile), read chunk by chunk.
     blocks = list(product(*(range(-(-n // c)) for n, c in zip(lvl.shape, chunks))))
     boxes = [tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(b, chunks, lvl.shape)) for b in blocks]
-    for box in boxes:
-        part = np.asarray(source[box])
-        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    hist = np.zeros(metrics.HIST_BINS, np.int64)
-    for box in boxes:
-        hist += metrics.reference_histogram(np.asarray(source[box]), lo, hi)
-    ref = metrics.histogram_percentiles(hist, lo, hi, q=(99.9,))[0]
+    _, _, (ref,) = metrics.blockwise_percentiles(lambda: (np.asarray(source[box]) for box in boxes), q=(99.9,))
 
     halo = list(deg.halo(len(spatial)))
     for j, i in enumerate(spatial):

@@ -74,20 +74,17 @@ def _slabs(depth, planes, margin=0):
 
 def _reference_range(ref: _Image, planes: int, mode: str):
     """(offset, scale) mapping the reference to [0, 1], computed blockwise (two passes for percentiles)."""
-    lo, hi = math.inf, -math.inf
-    for lead in ref.leads:
-        for r0, r1, _, _ in _slabs(ref.depth, planes):
-            block = ref.read(lead, r0, r1)
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+
+    def blocks():
+        for lead in ref.leads:
+            for r0, r1, _, _ in _slabs(ref.depth, planes):
+                yield ref.read(lead, r0, r1)
+
+    lo, hi, (p_lo, p_hi) = metrics.blockwise_percentiles(blocks)
     if not hi > lo:
         raise UserError(f"reference {ref.path} has no dynamic range (all voxels are {lo}); give a real reference")
     if mode == "raw":
         return lo, hi - lo
-    hist = np.zeros(metrics.HIST_BINS, np.int64)
-    for lead in ref.leads:
-        for r0, r1, _, _ in _slabs(ref.depth, planes):
-            hist += metrics.reference_histogram(ref.read(lead, r0, r1), lo, hi)
-    p_lo, p_hi = metrics.histogram_percentiles(hist, lo, hi)
     if not p_hi > p_lo:
         raise UserError(f"reference {ref.path} has no dynamic range between its 0.1 and 99.9 percentiles; use --range raw")
     return p_lo, p_hi - p_lo

@@ -36,6 +36,18 @@ def reference_histogram(ref: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.histogram(np.asarray(ref, dtype=np.float64), bins=HIST_BINS, range=(lo, hi if hi > lo else lo + 1))[0]
 
 
+def blockwise_percentiles(read_blocks, q=PERCENTILES) -> tuple[float, float, tuple[float, ...]]:
+    """(min, max, percentiles) of data read in blocks: `read_blocks()` yields arrays and is called twice (a min/max
+    pass, then a histogram pass), so memory stays one block whatever the image size."""
+    lo, hi = float("inf"), float("-inf")
+    for block in read_blocks():
+        lo, hi = min(lo, float(np.min(block))), max(hi, float(np.max(block)))
+    hist = np.zeros(HIST_BINS, np.int64)
+    for block in read_blocks():
+        hist += reference_histogram(block, lo, hi)
+    return lo, hi, histogram_percentiles(hist, lo, hi, q)
+
+
 def normalisation(ref: np.ndarray, mode: str = "percentile") -> tuple[float, float]:
     """(offset, range) that map the reference to [0, 1]: percentile (0.1–99.9, default) or the raw min–max."""
     ref = np.asarray(ref, dtype=np.float64)
