@@ -1,12 +1,15 @@
-"""Reproduce the shipped default model (src/volrestore/models/default.pt) from synthetic phantoms; CPU, ~25 min.
+"""Reproduce the shipped default model (src/volrestore/models/default.pt): a blind 2.5D magnitude-preserving U-Net
+trained on synthetic phantoms plus one real lattice light-sheet volume; the CHO nuclei volume is kept out entirely.
 
-    python benchmarks/train_default_model.py                       # v-objective -> src/volrestore/models/default.pt
+    bash ../shared/data/fetch-samples.sh data                     # real volumes (sha256-checked), git-ignored
+    python benchmarks/train_default_model.py --data data           # -> runs/default_model/default.pt, then copy it
     python benchmarks/train_default_model.py --objective regression --out runs/default_model/regression.pt
 
-Data: TRAIN_SEEDS phantoms (never used for any evaluation: tests, demo and studies use seeds < 1000 or >= 9000),
-each degraded with every (photons, read) pair of LEVELS, so the model sees a wide range of noise levels. Every patch
-is degraded on its own with a seed keyed by (level, iteration, batch slot) (PatchSampler's counter), so the data are a
-pure function of the iteration and a rerun (or --resume) sees exactly the same batches.
+Blind to the noise level: every patch gets its own photon budget (log-uniform 1-100 photons at the bright end) and
+read noise (0.5-3 photons). Any intensity units: each volume is put into reference units (its median -> 0, its
+lightly smoothed 99.9th percentile -> 1), which is exactly what `--normalise image` (the default model's) measures
+on a user's image, so camera gain and offset drop out. Deterministic given the script (batches are a pure function
+of the iteration), checkpointed every 250 iterations, so an interrupted run can be shipped or continued (--resume).
 """
 
 from __future__ import annotations
@@ -20,92 +23,141 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from volrestore import synthetic, train
+from volrestore import nets, synthetic, train
 from volrestore.degrade import Degradation
 
-TRAIN_SEEDS = tuple(range(1000, 1012))
-VAL_SEED = 1012  # validation patches during training (a phantom not trained on)
-PHANTOM_SHAPE = (48, 128, 128)
-# Photon budgets at the reference intensity (the phantom's 99.9th percentile) x Gaussian read noise (photons).
-LEVELS = tuple((p, r) for p in (3, 6, 12, 25, 50, 100) for r in (0.5, 2.0))
-PRESET, PATCH, BATCH = "tiny-3d", (16, 32, 32), 4
-ITERATIONS, LR, WARMUP, EMA = 2000, 1e-3, 100, 0.999
-EVAL_SEEDS = (9001, 9002, 9003)  # held-out phantoms for reported quality (README, sampler study)
-DEMO_SEED = 9000
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SEEDS = tuple(range(1000, 1012))  # evaluation uses phantom seeds < 1000 (tests) or >= 8000 (benchmarks, demo)
+VAL_SEED = 1012
+PHANTOM_SHAPE = (32, 128, 128)
+# Real volumes: RBC lattice light-sheet planes [0, 96) only (benchmarks/quality.py evaluates planes 112-150);
+# the CHO nuclei volume (Fluo-N3DH-CHO) is never trained on: it measures generalisation to unseen real data.
+REAL = {"RBC_lattice.tif": (slice(0, 96), slice(None), slice(None))}
+REAL_SHARE = 0.4  # share of patches from real volumes
+PHOTONS, READ = (1.0, 100.0), (0.5, 3.0)
+PRESET, PATCH, BATCH = "small-2.5d", (64, 64), 8
+ITERATIONS, LR, WARMUP, EMA = 5000, 4e-3, 200, 0.999
+
+
+def reference_units(vol: np.ndarray) -> tuple[float, float]:
+    """(median, 99.9th percentile after in-plane smoothing with sigma 1): what the engine measures for
+    --normalise image (engine._input_range), so training and restoring put intensities on the same scale."""
+    smooth = ndimage.gaussian_filter(vol.astype(np.float32), (0, 1, 1))
+    return float(np.median(vol)), float(np.percentile(smooth, 99.9))
+
+
+class Source:
+    """One clean volume: patches degraded at a random level each, returned in reference units."""
+
+    def __init__(self, clean: np.ndarray, seed: int, val_fraction: float = 0.0):
+        self.lo, self.hi = reference_units(clean)
+        deg = Degradation(photons=PHOTONS[0], photons_max=PHOTONS[1], read=READ[0], read_max=READ[1], seed=seed)
+        z_context = nets.z_context(nets.load_preset(PRESET))
+        self.sampler = train.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=seed,
+                                          val_fraction=val_fraction, z_context=z_context,
+                                          ref=float(np.percentile(clean, 99.9)))
+
+    def scale(self, pair):
+        return tuple((a - self.lo) / (self.hi - self.lo) for a in pair)
+
+    def __call__(self, index: int):
+        return self.scale(self.sampler(index))
 
 
 class MixedBatches:
-    """Training batches whose slots each come from a random (phantom, noise level) pair, keyed by the iteration."""
+    """Each batch slot from a random source (real with probability REAL_SHARE), keyed by the iteration."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, data_dir: Path, seed: int = 0):
+        import tifffile
+
         self.seed = seed
-        self.samplers = []
-        for i, s in enumerate(TRAIN_SEEDS):
-            clean = synthetic.phantom(PHANTOM_SHAPE, seed=s)
-            ref = float(np.percentile(clean, 99.9))
-            for j, (photons, read) in enumerate(LEVELS):
-                deg = Degradation(photons=photons, read=read, seed=i * len(LEVELS) + j)
-                # batch=1: __call__(counter) is one patch, so every slot of a batch has its own patch counter.
-                self.samplers.append(train.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=deg.seed,
-                                                        val_fraction=0, ref=ref))
+        self.phantoms = [Source(synthetic.phantom(PHANTOM_SHAPE, seed=s), seed=s) for s in TRAIN_SEEDS]
+        self.real = []
+        for name, region in REAL.items():
+            path = data_dir / name
+            if not path.is_file():
+                sys.exit(f"error: {path} missing: run bash ../shared/data/fetch-samples.sh {data_dir}")
+            self.real.append(Source(np.asarray(tifffile.imread(path), np.float32)[region], seed=2000 + len(self.real)))
 
-    def __call__(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, iteration: int):
         rng = np.random.default_rng([self.seed, 11, iteration])
-        picks = rng.integers(len(self.samplers), size=BATCH)
-        pairs = [self.samplers[k](iteration * BATCH + b) for b, k in enumerate(picks)]
+        pairs = []
+        for b in range(BATCH):
+            pool = self.real if rng.random() < REAL_SHARE else self.phantoms
+            pairs.append(pool[int(rng.integers(len(pool)))](iteration * BATCH + b))
         return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
     def normalisation(self) -> train.Normalisation:
-        # Iterations far beyond any run: the same distribution as training, drawn without touching validation.
-        batches = [self(10**9 + i) for i in range(64)]
-        return train.Normalisation.fit(np.concatenate([b[0].ravel() for b in batches]),
-                                       np.concatenate([b[1].ravel() for b in batches]))
+        # Reference units (0 = background, 1 = bright) map to -1 / +1 for input and target alike, so the restorer's
+        # image normalisation (median, smoothed p99.9 -> the target's 0 / 1) lands exactly on the training scale.
+        # The clamp for x0 covers the targets actually seen (puncta above the 99.9th percentile must survive).
+        targets = np.concatenate([self(10**9 + i)[1].ravel() for i in range(64)])
+        norm = train.Normalisation((0.0, 1.0), (0.0, 1.0))
+        t = norm.target_to_unit(np.array([targets.min(), targets.max()]))
+        norm.clip = (min(-1.0, float(t[0])), max(1.0, float(t[1]) + 0.5))
+        return norm
 
-    def validation(self) -> tuple[np.ndarray, np.ndarray]:
-        clean = synthetic.phantom(PHANTOM_SHAPE, seed=VAL_SEED)
-        deg = Degradation(photons=12, read=2.0, seed=VAL_SEED)  # a middle noise level
-        return train.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, val_fraction=0.5,
-                                  ref=float(np.percentile(clean, 99.9))).validation(4)
+    def validation(self):
+        val = Source(synthetic.phantom(PHANTOM_SHAPE, seed=VAL_SEED), seed=VAL_SEED, val_fraction=0.5)
+        return val.scale(val.sampler.validation(4))
 
 
-def train_model(out, objective: str = "v", iterations: int = ITERATIONS, threads: int = 1, log=print) -> dict:
-    """Train one model on the default-model data (also the sampler study's regression baseline); returns the
-    written (optimizer-free) checkpoint."""
+def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = ITERATIONS, threads: int = 1,
+                resume: bool = False, log=print) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    data = MixedBatches()
+    data = MixedBatches(data_dir)
     cfg = train.TrainConfig(preset=PRESET, objective=objective, iterations=iterations, lr=LR, warmup=WARMUP,
-                            ema_decay=EMA, checkpoint_every=500, seed=0)
-    provenance = {"data": "synthetic.phantom", "train_seeds": list(TRAIN_SEEDS), "val_seed": VAL_SEED,
-                  "phantom_shape": list(PHANTOM_SHAPE), "levels_photons_read": [list(lv) for lv in LEVELS],
+                            ema_decay=EMA, checkpoint_every=250, seed=0)
+    provenance = {"data": {"phantoms": list(TRAIN_SEEDS), "phantom_shape": list(PHANTOM_SHAPE),
+                           "real": {k: str(v) for k, v in REAL.items()}, "real_share": REAL_SHARE,
+                           "held_out_real": "Fluo-N3DH-CHO_02_img.tif"},
+                  "degradation": {"photons": list(PHOTONS), "read": list(READ), "blur": None},
+                  "units": "reference (median -> 0, smoothed p99.9 -> 1)", "val_seed": VAL_SEED,
                   "patch": list(PATCH), "batch": BATCH, "script": "benchmarks/train_default_model.py",
                   "command": " ".join(sys.argv),
                   "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores), {threads} torch thread(s)"}
 
     def progress(r):
-        if r["iteration"] % 100 == 0 or "val_psnr" in r:
+        if r["iteration"] % 50 == 0 or "val_psnr" in r:
             log(f"it {r['iteration']} loss {r['loss']:.4f} {r['it_per_s']:.2f} it/s"
                 + (f" val {r['val_psnr']:.2f} dB" if "val_psnr" in r else ""))
 
-    train.train(data, out, cfg, data.normalisation(), provenance=provenance, val=data.validation(), log=progress)
+    train.train(data, out, cfg, data.normalisation(), provenance=provenance, val=data.validation(), log=progress,
+                resume=resume)
+    return finish(out, time.perf_counter() - t0, log)
+
+
+def finish(out, seconds: float, log=print) -> dict:
+    """Drop the optimizer state (not part of the model or its hash: a third of the file) and record the time."""
     ck = train.load_checkpoint(out)
-    ck["provenance"]["train_seconds"] = round(time.perf_counter() - t0)
-    ck.pop("optimizer", None)  # not part of the model or its hash: halves the shipped file
+    history = ck.get("history") or [{}]
+    if not seconds and history[-1].get("it_per_s"):  # shipping an interrupted run: estimate from its own log
+        seconds = ck["iteration"] / history[-1]["it_per_s"]
+    ck["provenance"]["train_seconds"] = round(seconds)
+    ck.pop("optimizer", None)
     ck = train.save_checkpoint(out, ck)
-    log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.0f} s, "
-        f"hash {ck['hash'][:12]}")
+    log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), iteration {ck['iteration']}, hash {ck['hash'][:12]}")
     return ck
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--objective", default="v", choices=("v", "eps", "regression"))
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/volrestore/models/default.pt"))
+    ap.add_argument("--objective", default="edm", choices=("edm", "v", "eps", "regression"))
+    ap.add_argument("--out", default=str(ROOT / "runs/default_model/default.pt"))
+    ap.add_argument("--data", default=str(ROOT / "data"), help="folder with the fetched sample volumes")
     ap.add_argument("--iterations", type=int, default=ITERATIONS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--finish", action="store_true", help="only strip the optimizer from OUT (ship a checkpoint)")
     a = ap.parse_args()
-    train_model(a.out, a.objective, a.iterations, a.threads, log=lambda m: print(m, flush=True))
+    if a.finish:
+        finish(a.out, 0.0)
+        return
+    train_model(a.out, Path(a.data), a.objective, a.iterations, a.threads, a.resume,
+                log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":

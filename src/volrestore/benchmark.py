@@ -194,7 +194,7 @@ def random_checkpoint(preset: dict, path, norm, seed=0):
     """A checkpoint of the preset's network with seeded random weights (untrained); returns (path, parameters)."""
     import torch
 
-    from .diffusion import CosineSchedule
+    from .diffusion import Schedule
     from .train import save_checkpoint
 
     with torch.random.fork_rng(devices=[]):
@@ -202,7 +202,7 @@ def random_checkpoint(preset: dict, path, norm, seed=0):
         net = nets.build(preset)
     state = net.state_dict()
     save_checkpoint(path, {
-        "preset": preset, "objective": net.objective, "schedule": CosineSchedule().to_dict(),
+        "preset": preset, "objective": net.objective, "schedule": Schedule(kind=nets.load_preset(preset)["schedule"]).to_dict(),
         "normalisation": norm.to_dict(), "provenance": {"command": "volrestore benchmark (random weights)"},
         "iteration": 0, "train_config": {}, "history": [], "model": state, "ema": state, "optimizer": {},
     })
@@ -245,7 +245,7 @@ def bare_pass(spec, plan) -> dict:
         while group := list(itertools.islice(tiles, plan.batch)):
             group += group[-1:] * (plan.batch - len(group))
             x = np.stack([data[np.ix_(*(ax.tile_index(k, 0) for ax, k in zip(grid.axes, t)))] for t in group])
-            yield (x[:, 0] if squeeze else x), [tuple(ax.start(k) for ax, k in zip(grid.axes, t)) for t in group]
+            yield (x[:, 0] if squeeze and not restorer.z_context else x), [tuple(ax.start(k) for ax, k in zip(grid.axes, t)) for t in group]
 
     restorer(*next(batches()), plan.seed)  # warm-up: allocator, cuDNN autotuning, torch.compile
     _reset_gpu_peak()

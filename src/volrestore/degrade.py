@@ -12,7 +12,7 @@ from scipy import ndimage, signal
 from .errors import UserError
 
 GRAMMAR = ("poisson:photons=P[,read=R][,blur=PSF.tif|.npy][,down=D][,seed=S] "
-           "e.g. poisson:photons=20,read=2,blur=psf.tif,down=2")
+           "e.g. poisson:photons=20,read=2,blur=psf.tif,down=2; P and R may be ranges LO-HI (drawn per patch)")
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,17 @@ class Degradation:
     """`photons`: mean photon count at the reference intensity (the clean image's 99.9th percentile unless given);
     `read`: Gaussian read-noise std in photons; `blur`: PSF file (normalised to sum 1; a 2D PSF blurs each z-slice);
     `down`: lateral (y, x) binning factor, the result is brought back onto the input grid by linear interpolation so
-    the network always maps grid to grid; `seed`: with the caller's counter, fixes every random number."""
+    the network always maps grid to grid; `seed`: with the caller's counter, fixes every random number.
+    `photons_max` / `read_max`: when set, each call draws its level from [photons, photons_max] (log-uniform) and
+    [read, read_max] (uniform), so a model trained on such patches is blind to the noise level."""
 
     photons: float
     read: float = 0.0
     blur: str | None = None
     down: int = 1
     seed: int = 0
+    photons_max: float | None = None
+    read_max: float | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "Degradation":
@@ -35,9 +39,10 @@ class Degradation:
         try:
             if kind.strip() != "poisson" or not set(kw) <= {"photons", "read", "blur", "down", "seed"}:
                 raise ValueError
-            deg = cls(photons=float(kw["photons"]), read=float(kw.get("read", 0)), blur=kw.get("blur") or None,
-                      down=int(kw.get("down", 1)), seed=int(kw.get("seed", 0)))
-            if deg.photons <= 0 or deg.read < 0 or deg.down < 1:
+            (p_lo, p_hi), (r_lo, r_hi) = _range(kw["photons"]), _range(kw.get("read", "0"))
+            deg = cls(photons=p_lo, read=r_lo, blur=kw.get("blur") or None, down=int(kw.get("down", 1)),
+                      seed=int(kw.get("seed", 0)), photons_max=p_hi, read_max=r_hi)
+            if deg.photons <= 0 or deg.read < 0 or deg.down < 1 or (p_hi or p_lo) < p_lo or (r_hi or r_lo) < r_lo:
                 raise ValueError
         except (ValueError, KeyError):
             raise UserError(f"cannot parse degradation {spec!r}: expected {GRAMMAR}") from None
@@ -75,14 +80,25 @@ class Degradation:
             x = np.pad(x, pad, mode="reflect")
             x = x.reshape(*x.shape[:-2], x.shape[-2] // d, d, x.shape[-1] // d, d).mean(axis=(-3, -1))
         rng = np.random.default_rng([self.seed, *(int(c) & 0xFFFFFFFF for c in counter)])
-        scale = self.photons / max(ref, 1e-12)
-        counts = rng.poisson(np.clip(x, 0, None) * scale) + rng.normal(0.0, self.read, x.shape)
+        photons, read = self.photons, self.read
+        if self.photons_max is not None:
+            photons = float(np.exp(rng.uniform(np.log(self.photons), np.log(self.photons_max))))
+        if self.read_max is not None:
+            read = float(rng.uniform(self.read, self.read_max))
+        scale = photons / max(ref, 1e-12)
+        counts = rng.poisson(np.clip(x, 0, None) * scale) + rng.normal(0.0, read, x.shape)
         y = counts / scale
         if self.down > 1:
             zoom = [1] * (y.ndim - 2) + [self.down, self.down]
             y = ndimage.zoom(y, zoom, order=1, mode="nearest", grid_mode=True)
             y = y[tuple(slice(0, s) for s in shape)]
         return y.astype(np.float32)
+
+
+def _range(text: str) -> tuple[float, float | None]:
+    """'20' -> (20, None); '3-30' -> (3, 30)."""
+    lo, sep, hi = text.partition("-")
+    return (float(lo), float(hi)) if sep else (float(lo), None)
 
 
 def crop(x: np.ndarray, halo: tuple[int, ...]) -> np.ndarray:

@@ -14,9 +14,9 @@ from . import diffusion as dfn
 from . import noise
 from .errors import UserError
 from .restorers import Restorer, RestorerSpec
-from .train import Normalisation, load_checkpoint, model_from_checkpoint
+from .train import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
 
-OPTIONS = {"samples": 1, "sampler": "dpmpp2m", "steps": None, "std": False, "device": "auto", "compile": False,
+OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "device": "auto", "compile": False,
            "normalise": None, "input_range": None}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
 # "image" (the shipped default model's choice): the image's (background, bright) intensities (`input_range`, measured
@@ -35,6 +35,19 @@ def _model_path(name: str) -> Path:
         raise UserError(f"model {name!r} not found" + (": this install ships no default model, pass --model CKPT.pt"
                                                        if name == "default" else ": give an existing .pt checkpoint"))
     return path
+
+
+def default_sampler(ck: dict) -> str:
+    """The paper's cosine/eps models: its 200-step ancestral sampler; EDM-trained models: DPM-Solver++ 2M."""
+    return "ancestral" if ck["schedule"].get("kind") == "cosine" else "dpmpp2m"
+
+
+def default_steps(sampler: str, schedule: dfn.Schedule) -> int:
+    """ancestral: all T steps of the paper's cosine schedule (or 200 Karras levels); the ODE solvers: few, measured in
+    benchmarks/quality.py."""
+    if sampler == "ancestral":
+        return schedule.T
+    return {"heun": 8, "ddim": 20}.get(sampler, 12)
 
 
 def _check(objective: str, samples, sampler, steps, std):
@@ -65,6 +78,7 @@ def resolve(name: str, **options) -> RestorerSpec:
         opts["input_range"] = tuple(float(v) for v in opts["input_range"])
     path = _model_path(name)
     ck = load_checkpoint(path)
+    opts["sampler"] = opts["sampler"] or default_sampler(ck)
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
     spatial_dims = int(ck["preset"]["spatial_dims"])
     tile, overlap = _default_tile(ck, spatial_dims)
@@ -73,7 +87,8 @@ def resolve(name: str, **options) -> RestorerSpec:
         options=tuple(sorted({**opts, "model_hash": ck["hash"]}.items())),
         factory="volrestore.diffusion_restorer:DiffusionRestorer",
         spatial_dims=spatial_dims,
-        size_multiple=2 ** (len(ck["preset"]["channels"]) - 1),
+        size_multiple=2 ** (len(ck["preset"]["channel_mult"]) - 1),
+        z_context=int(ck["preset"].get("z_context", 0)),
         outputs=("mean", "std") if opts["std"] else ("mean",),
         default_tile=tile,
         default_overlap=overlap,
@@ -81,32 +96,33 @@ def resolve(name: str, **options) -> RestorerSpec:
     )
 
 
+# Default tiles, chosen for throughput: the magnitude-preserving U-Net has no statistics over space, so a voxel's
+# result depends only on its receptive field and tile size no longer changes quality (tests/test_tiling.py). The
+# overlap covers the part of the receptive field that matters (the zero-padded tile edge); both are multiples of the
+# net's size multiple so every tile starts on the same pooling phase of the global grid.
+DEFAULT_TILE = {2: ((512, 512), 32), 3: ((64, 64, 64), 16)}
+
+
 def _default_tile(ck: dict, spatial_dims: int):
-    """Default tile = the training patch: the U-Net's GroupNorm statistics are those of patches that size, and larger
-    tiles restore measurably worse (default model, demo volume, K=4: 16×32×32 tiles 28.3 dB, 32×32×32 27.3 dB,
-    32×64×64 24.3 dB, 128³ 21.0 dB). Overlap a quarter of the smallest side."""
-    patch = ck.get("provenance", {}).get("patch")
-    if isinstance(patch, (list, tuple)) and len(patch) == spatial_dims:
-        tile = tuple(int(p) for p in patch)
-        return tile, max(1, min(tile) // 4)
-    return (256, 32) if spatial_dims == 2 else (64, 16)
+    return DEFAULT_TILE[spatial_dims]
 
 
 class DiffusionRestorer(Restorer):
     """K samples per tile from the conditional model (DDPM-avg): returns their mean and, with std, their per-voxel
     standard deviation, in the training target's intensity units (equal to the input's for pairs made by degrade).
 
-    steps=None: the sampler's default (ancestral: all T steps as in the paper; DDIM / DPM-Solver++: 20).
+    steps=None: the sampler's default (`default_steps`).
     Regression checkpoints run one pass and ignore samples/sampler/steps.
     """
 
-    def __init__(self, checkpoint_path, samples: int = 1, sampler: str = "dpmpp2m", steps: int | None = None,
+    def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
                  normalise: str = "model", input_range=None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
         self.objective = ck["objective"]
+        sampler = sampler or default_sampler(ck)
         _check(self.objective, samples, sampler, steps, std)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,7 +131,8 @@ class DiffusionRestorer(Restorer):
         self.device = torch.device(device)
         self.net = model_from_checkpoint(ck).to(self.device)
         self.spatial_dims, self.size_multiple = self.net.spatial_dims, self.net.size_multiple
-        self.schedule = dfn.CosineSchedule(**ck["schedule"])
+        self.z_context = self.net.z_context
+        self.schedule = schedule_of(ck)
         self.norm = Normalisation.from_dict(ck["normalisation"])
         self.gain, self.offset = 1.0, 0.0  # image units = gain · training units + offset
         if normalise == "image":
@@ -128,8 +145,8 @@ class DiffusionRestorer(Restorer):
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
-        self.sampler = dfn.SAMPLERS[sampler]
-        self.steps = steps or (self.schedule.T if sampler == "ancestral" else 20)
+        self.sampler = sampler
+        self.steps = steps or default_steps(sampler, self.schedule)
         self.outputs = ("mean", "std") if std else ("mean",)
         # bf16 autocast for the network only on CUDA; the sampler's state and arithmetic stay fp32.
         net = torch.compile(self.net) if compile else self.net  # recompiles per tile shape: keep tiles fixed
@@ -138,25 +155,37 @@ class DiffusionRestorer(Restorer):
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray, origins: list[tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-        if tiles.ndim != self.spatial_dims + 1 or any(s % self.size_multiple for s in tiles.shape[1:]):
+        c = self.z_context
+        if c and tiles.ndim == self.spatial_dims + 1:  # a 2D image has no neighbouring slices: repeat the one
+            tiles = np.repeat(np.asarray(tiles)[:, None], 1 + 2 * c, axis=1)
+        if c and (tiles.ndim != 4 or tiles.shape[1] != 1 + 2 * c):
+            raise ValueError(f"tiles {tiles.shape}: a 2.5D model needs (B, {1 + 2 * c}, Y, X)")
+        spatial = tiles.shape[2:] if c else tiles.shape[1:]
+        if len(spatial) != self.spatial_dims or any(s % self.size_multiple for s in spatial):
             raise ValueError(f"tiles {tiles.shape}: need (B, *spatial) with {self.spatial_dims} spatial sizes, each a "
                              f"multiple of {self.size_multiple}")
         unit = self.norm.input_to_unit((np.asarray(tiles, np.float64) - self.offset) / self.gain)
-        mean, std = np.empty(tiles.shape, np.float32), np.empty(tiles.shape, np.float32)
+        if not c:
+            unit = unit[:, None]  # (B, 1, *spatial): the condition's channel
+        shape = (tiles.shape[0], *spatial)
+        mean, std = np.empty(shape, np.float32), np.empty(shape, np.float32)
         # One tile at a time with its K samples as the batch: a convolution's float result can depend on the batch
         # size (1e-7 on CPU), so a tile's output must not depend on which other tiles share its call.
         for i, origin in enumerate(origins):
-            cond = torch.from_numpy(unit[i:i + 1, None]).float().to(self.device)
+            cond = torch.from_numpy(unit[i:i + 1]).float().to(self.device)
             cond = cond.expand(self.samples, *cond.shape[1:])
             if self.regression:
                 x = self.denoiser(None, 0.0, cond)
             else:
-                def noise_fn(step, shape, origin=origin):  # keyed by the tile's global origin, not its batch slot
-                    z = np.stack([noise.normal(shape[2:], seed, k, *origin, step) for k in range(shape[0])])
+                # One global field per (sample, step): overlapping tiles draw the same noise at a shared voxel.
+                box = (1,) * (len(origin) - self.spatial_dims) + spatial
+
+                def noise_fn(step, shape, origin=origin, box=box):
+                    z = np.stack([noise.field(origin, box, seed, k, step).reshape(shape[2:])
+                                  for k in range(shape[0])])
                     return torch.from_numpy(z[:, None]).to(self.device)
 
-                x = self.sampler(self.denoiser, noise_fn(0, tuple(cond.shape)), cond, self.schedule, noise_fn,
-                                 self.steps)
+                x = dfn.sample(self.denoiser, cond, self.schedule, noise_fn, self.sampler, self.steps)
             runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64)) * self.gain + self.offset
             mean[i] = runs.mean(axis=0)
             if "std" in self.outputs:

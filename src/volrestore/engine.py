@@ -193,7 +193,8 @@ def _prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtyp
     tiles = [by_axis.get(a, 1) for a in spatial]
     overlaps = [overlap if a in r_axes else 0 for a in spatial]
     multiples = [spec.size_multiple if a in r_axes else 1 for a in spatial]
-    grid = Grid.build(sp_shape, tiles, overlaps, multiples)
+    contexts = [spec.z_context if (a == "z" and spec.spatial_dims == 2) else 0 for a in spatial]
+    grid = Grid.build(sp_shape, tiles, overlaps, multiples, contexts)
 
     # Output chunks (default: the input level's) and write-blocks (whole chunks/shards, never shared by two tasks).
     chunks_all = list(lvl.chunks)
@@ -477,8 +478,8 @@ def _restore_block(plan, spec, index):
             pad = batch - len(group)
             data = np.concatenate([data, np.repeat(data[-1:], pad, axis=0)]) if pad else data
             origins = origins + [origins[-1]] * pad
-            result, seconds = _restore_batch(restorer, data[:, 0] if squeeze else data, origins, plan.seed, index,
-                                             batch)
+            squeezed = data[:, 0] if squeeze and not restorer.z_context else data  # 2.5D: keep the z context
+            result, seconds = _restore_batch(restorer, squeezed, origins, plan.seed, index, batch)
             compute_s += seconds
             if result is None:  # GPU out of memory: redo this group with half the batch, and keep that size
                 batch //= 2
@@ -486,7 +487,7 @@ def _restore_block(plan, spec, index):
                 tiles = itertools.chain(group, tiles)
                 continue
             for name in outs:
-                res = result[name].reshape(data.shape)
+                res = result[name].reshape(len(data), *grid.tile_shape)
                 for j, t in enumerate(group):
                     _accumulate(acc[name], res[j], grid, t, lo, hi)
         for name, arr in outs.items():

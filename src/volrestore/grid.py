@@ -37,11 +37,14 @@ def _ramp(overlap: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AxisGrid:
-    """The tiles along one axis of length `size`."""
+    """The tiles along one axis of length `size`. `context`: voxels read on each side of every tile that the restorer
+    sees but does not output (a 2.5D model's neighbouring z-slices); they are reflected at the volume border like a
+    tile's own voxels and never enter the blend."""
 
     size: int
     tile: int
     overlap: int
+    context: int = 0
 
     @property
     def stride(self) -> int:
@@ -82,12 +85,14 @@ class AxisGrid:
 
     def read_range(self, tiles: range) -> tuple[int, int]:
         """The in-volume voxel range [lo, hi) that holds every (reflected) voxel of these tiles."""
-        idx = reflect(np.arange(self.start(tiles[0]), self.start(tiles[-1]) + self.tile), self.size)
+        idx = reflect(np.arange(self.start(tiles[0]) - self.context, self.start(tiles[-1]) + self.tile + self.context),
+                      self.size)
         return int(idx.min()), int(idx.max()) + 1
 
     def tile_index(self, k: int, read_lo: int) -> np.ndarray:
-        """Indices into a region read from read_lo that give tile k, reflection included."""
-        return reflect(np.arange(self.start(k), self.start(k) + self.tile), self.size) - read_lo
+        """Indices into a region read from read_lo that give tile k with its context, reflection included."""
+        return reflect(np.arange(self.start(k) - self.context, self.start(k) + self.tile + self.context),
+                       self.size) - read_lo
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -123,9 +128,12 @@ class Grid:
     axes: tuple[AxisGrid, ...]
 
     @classmethod
-    def build(cls, shape, tile, overlap, multiples) -> "Grid":
-        """Grid for a spatial shape from per-axis requested tile, overlap and size multiple (already validated)."""
-        return cls(tuple(AxisGrid(n, fitted_tile(n, t, o, m), o) for n, t, o, m in zip(shape, tile, overlap, multiples)))
+    def build(cls, shape, tile, overlap, multiples, contexts=None) -> "Grid":
+        """Grid for a spatial shape from per-axis requested tile, overlap, size multiple (already validated) and
+        read-only context."""
+        contexts = contexts or [0] * len(shape)
+        return cls(tuple(AxisGrid(n, fitted_tile(n, t, o, m), o, c)
+                         for n, t, o, m, c in zip(shape, tile, overlap, multiples, contexts)))
 
     @property
     def tile_shape(self) -> tuple[int, ...]:

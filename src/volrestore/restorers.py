@@ -19,6 +19,9 @@ class Restorer:
     spatial_dims: int = 3
     size_multiple: int = 1
     outputs: tuple[str, ...] = ("mean",)
+    # 2D restorers only: neighbouring z-slices on each side that come with every (1, Y, X) tile, as
+    # tiles (B, 1 + 2·z_context, Y, X); the restorer returns (B, Y, X) for the centre slice (a 2.5D model).
+    z_context: int = 0
 
     def __call__(self, tiles: np.ndarray, origins: list[tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -40,6 +43,7 @@ class RestorerSpec:
     outputs: tuple[str, ...] = ("mean",)
     default_tile: int | tuple[int, ...] = 64  # or per axis, e.g. a network's training patch
     default_overlap: int = 8
+    z_context: int = 0  # see Restorer.z_context
     # Options that change nothing in the result (e.g. a test-only delay) and so never block --resume.
     volatile: tuple[str, ...] = ("sleep", "oom_at")
 

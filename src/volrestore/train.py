@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,10 +18,13 @@ import torch
 from . import diffusion as dfn
 from . import nets, noise
 from .degrade import Degradation, crop
+from .grid import reflect
 from .errors import UserError
 
 FORMAT = "volrestore-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (volrestore 0.1): MONAI U-Nets with GroupNorm, whose results depend on the tile; not loadable any more.
+OLD_FORMATS = {1: "volrestore 0.1 (MONAI U-Net)"}
 
 
 # ---- normalisation -----------------------------------------------------------------------------------------------
@@ -74,12 +77,13 @@ class PatchSampler:
 
     The last `val_fraction` of the y axis is held out for validation: training patches, and the context read around
     them for blurring, never touch it. Batches depend only on (seed, iteration), so a resumed run sees the same data.
-    Augmentation: flips and 90-degree rotations in the lateral (y, x) plane. 2D patches are single z-slices.
+    Augmentation: the 8 lateral dihedral transforms (4 rotations x flip; 2 rotations when y != x), and z flips in 3D.
+    2D patches are single z-slices.
     Either `cond` (a registered low-quality image of the same shape) or `degrade` (made from the target) is needed.
     """
 
     def __init__(self, target, cond=None, *, degrade: Degradation | None = None, patch: tuple[int, ...],
-                 batch: int, seed: int = 0, val_fraction: float = 0.1, ref: float | None = None):
+                 batch: int, seed: int = 0, val_fraction: float = 0.1, ref: float | None = None, z_context: int = 0):
         if (cond is None) == (degrade is None):
             raise UserError("give either a paired input image or a degradation model, not both or neither")
         if cond is not None and tuple(cond.shape) != tuple(target.shape):
@@ -87,6 +91,7 @@ class PatchSampler:
                             "register and crop them to the same grid")
         self.target, self.cond, self.degrade = target, cond, degrade
         self.ndim = len(target.shape)
+        self.z_context = int(z_context) if self.ndim == 3 and len(patch) == 2 else 0
         self.patch = tuple(int(p) for p in patch)
         self.spatial_dims = len(self.patch)
         self.full = (1,) * (3 - self.spatial_dims) + self.patch if self.ndim == 3 else self.patch  # z, y, x extent
@@ -129,14 +134,26 @@ class PatchSampler:
         return crop(self.degrade(clean, counter, self.ref), halo), target
 
     def _draw(self, rng, y_lo, y_hi, counter, augment):
-        cond, target = self._read(self._region(rng, y_lo, y_hi), y_lo, y_hi, counter)
-        cond, target = cond.reshape(self.patch), target.reshape(self.patch)
+        region = self._region(rng, y_lo, y_hi)
+        if self.z_context:
+            # 2.5D: the slice's neighbours come along as condition channels, reflected at the volume's z ends as
+            # the engine reflects them; the target stays the centre slice.
+            z = region[0].start
+            zs = reflect(np.arange(z - self.z_context, z + self.z_context + 1), self.target.shape[0])
+            z_lo, z_hi = int(zs.min()), int(zs.max()) + 1
+            cond, target = self._read((slice(z_lo, z_hi), *region[1:]), y_lo, y_hi, counter)
+            cond, target = cond[zs - z_lo], target[z - z_lo].reshape(self.patch)
+        else:
+            cond, target = self._read(region, y_lo, y_hi, counter)
+            cond, target = cond.reshape(self.patch), target.reshape(self.patch)
         if augment:
             square = self.patch[-1] == self.patch[-2]
             k, flip = int(rng.integers(4)) if square else 2 * int(rng.integers(2)), bool(rng.integers(2))
             cond, target = (np.rot90(a, k, axes=(-2, -1)) for a in (cond, target))
             if flip:
                 cond, target = cond[..., ::-1], target[..., ::-1]
+            if (self.spatial_dims == 3 or self.z_context) and rng.integers(2):  # z flips: the PSF is symmetric in z
+                cond, target = cond[::-1], (target[::-1] if self.spatial_dims == 3 else target)
         return np.ascontiguousarray(cond), np.ascontiguousarray(target)
 
     def __call__(self, iteration: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +222,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"{path} is not a volrestore model checkpoint (no '{FORMAT}' marker)")
     if ck.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer volrestore (format {ck['format_version']}): upgrade")
+    if ck.get("format_version") in OLD_FORMATS:
+        raise UserError(f"{path} is a format-{ck['format_version']} model of {OLD_FORMATS[ck['format_version']]}, "
+                        "whose networks depend on the tile size: retrain it with this volrestore's `volrestore train` "
+                        "or restore with volrestore 0.1.x")
     try:
         ok = _content_hash(ck) == ck.get("hash")
     except Exception:
@@ -212,6 +233,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not ok:
         raise UserError(f"{path} is corrupt (content hash mismatch): retrain or re-download it")
     return ck
+
+
+def schedule_of(ck: dict) -> dfn.Schedule:
+    return dfn.Schedule.from_dict(ck["schedule"])
 
 
 def model_from_checkpoint(ck: dict, ema: bool = True) -> nets.ConditionalUNet:
@@ -235,15 +260,21 @@ class TrainConfig:
     ema_decay: float | None = None
     checkpoint_every: int = 1000
     seed: int = 0
+    schedule: str | None = None  # preset's: "edm" (log-normal sigma) or "cosine" (the paper's, uniform t)
     T: int = 200
     s: float = 0.008
-    extra: dict = field(default_factory=dict)
+
+    def noise_schedule(self) -> dfn.Schedule:
+        return dfn.Schedule(kind=self.schedule or "edm", T=self.T, s=self.s)
 
     def resolved(self) -> "TrainConfig":
         preset = nets.load_preset(self.preset)
         t = preset.get("train", {})
         return TrainConfig(**{**asdict(self), "preset": preset,
                               "objective": self.objective or preset["objective"],
+                              "schedule": self.schedule or (preset["schedule"] if not self.objective
+                                                            or self.objective == preset["objective"]
+                                                            else ("edm" if self.objective == "edm" else "cosine")),
                               "iterations": self.iterations or t.get("iterations", 1000),
                               "lr": self.lr or t.get("lr", 2e-4),
                               "ema_decay": self.ema_decay or t.get("ema_decay", 0.999)})
@@ -285,7 +316,7 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     cfg = config.resolved()
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    schedule = dfn.CosineSchedule(cfg.T, cfg.s)
+    schedule = cfg.noise_schedule()
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG state
         torch.manual_seed(_seed(cfg.seed, 0))
         net = nets.ConditionalUNet(cfg.preset, cfg.objective).to(device)
@@ -322,13 +353,14 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, it)
         cond, target = batches(it)
-        cond = torch.from_numpy(normalisation.input_to_unit(cond)[:, None]).float().to(device)
+        cond = torch.from_numpy(_channels(normalisation.input_to_unit(cond), target)).float().to(device)
         x0 = torch.from_numpy(normalisation.target_to_unit(target)[:, None]).float().to(device)
         first = rank * x0.shape[0]  # global index of this rank's first sample
-        t, eps = _timesteps_and_noise(cfg, it, range(first, first + x0.shape[0]), tuple(x0.shape[1:]))
+        sigma, eps = _sigmas_and_noise(schedule, cfg.seed, it, range(first, first + x0.shape[0]),
+                                       tuple(x0.shape[1:]))
         with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
             torch.manual_seed(_seed(cfg.seed, it, _DROPOUT))  # dropout, per iteration so resume replays it
-            loss = dfn.loss(model, x0, cond, schedule, cfg.objective, t.to(device), eps.to(device))
+            loss = dfn.loss(model, x0, cond, schedule, cfg.objective, sigma, eps.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -357,21 +389,26 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     return ck if ck is not None else load_checkpoint(out)
 
 
-def _timesteps_and_noise(cfg: TrainConfig, it: int, samples: range, shape: tuple) -> tuple[torch.Tensor, ...]:
-    """t (B,) in (0, T] and eps (B, *shape), each sample's from its own generator keyed by (seed, iteration, global
-    sample index): the numbers a sample gets never depend on the batch size or on which DDP rank holds it."""
-    t, eps = [], []
+def _channels(cond: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(B, C, *spatial): a plain condition gets its channel axis; a 2.5D one already has its slices there."""
+    return cond[:, None] if cond.ndim == target.ndim else cond
+
+
+def _sigmas_and_noise(schedule: dfn.Schedule, seed: int, it: int, samples: range,
+                      shape: tuple) -> tuple[torch.Tensor, ...]:
+    """sigma (B,) float64 and noise (B, *shape), each sample's from its own generator keyed by (seed, iteration,
+    global sample index): the numbers a sample gets never depend on the batch size or on which DDP rank holds it."""
+    sigma, eps = [], []
     for j in samples:
-        g = torch.Generator().manual_seed(_seed(cfg.seed, it, _SAMPLE, j))
-        t.append((1 - torch.rand(1, generator=g, dtype=torch.float64)) * cfg.T)
+        g = torch.Generator().manual_seed(_seed(seed, it, _SAMPLE, j))
+        sigma.append(schedule.train_sigmas(g, 1))
         eps.append(torch.randn(shape, generator=g))
-    return torch.cat(t), torch.stack(eps)
+    return torch.cat(sigma), torch.stack(eps)
 
 
 def check_resumable(ck: dict, config: TrainConfig, where) -> None:
     """UserError unless checkpoint `ck` was trained with the (resolved) config's preset, objective and schedule."""
-    mine = {"preset": config.preset, "objective": config.objective,
-            "schedule": dfn.CosineSchedule(config.T, config.s).to_dict()}
+    mine = {"preset": config.preset, "objective": config.objective, "schedule": config.noise_schedule().to_dict()}
     theirs = {k: ck[k] for k in mine}
     if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
         raise UserError(f"cannot resume {where}: it was trained with a different preset, objective or schedule")
@@ -391,13 +428,13 @@ def predict(net, schedule, norm: Normalisation, cond: np.ndarray, *, seed: int =
     """One restoration of a batch (B, *spatial) in intensity units; noise keyed by (seed, sample, batch index, step)
     unless noise_fn is given."""
     device = next(net.parameters()).device
-    c = torch.from_numpy(norm.input_to_unit(np.asarray(cond, np.float32))[:, None]).float().to(device)
+    c = np.asarray(norm.input_to_unit(np.asarray(cond, np.float32)))
+    c = torch.from_numpy(c[:, None] if c.ndim == net.spatial_dims + 1 else c).float().to(device)
     D = dfn.Denoiser(net, schedule, net.objective, clip=norm.clip)
     if net.objective == "regression":
         y = D(None, 0.0, c)
     else:
-        shape = tuple(c.shape)
         nf = noise_fn or (lambda step, shp: torch.from_numpy(np.stack(
             [noise.normal(shp[1:], seed, sample, b, step) for b in range(shp[0])])).to(device))
-        y = dfn.SAMPLERS[sampler](D, nf(0, shape), c, schedule, nf, steps)
+        y = dfn.sample(D, c, schedule, nf, sampler, steps)
     return norm.unit_to_target(y[:, 0].float().cpu().numpy())

@@ -96,7 +96,8 @@ class Job:
         return PatchSampler(SpatialView(d["target"]["path"], d["target"]["level"]), cond,
                             degrade=Degradation.parse(d["degrade"]) if d["degrade"] else None,
                             patch=tuple(d["patch"]), batch=d["batch"], seed=d["seed"],
-                            val_fraction=d["val_fraction"], ref=d["photon_reference"])
+                            val_fraction=d["val_fraction"], ref=d["photon_reference"],
+                            z_context=d.get("z_context", 0))
 
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
@@ -138,14 +139,16 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
         raise UserError(f"preset {preset_cfg['name']} is 3D but {target} is 2D ({'x'.join(map(str, tdesc['shape']))}"
                         f"): use a 2D preset ({', '.join(n for n in nets.preset_names() if '2d' in n)})")
     patch = tuple(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)))
-    multiple = 2 ** (len(preset_cfg["channels"]) - 1)
+    multiple = 2 ** (len(preset_cfg["channel_mult"]) - 1)
     if len(patch) != dims or any(p % multiple for p in patch):
         raise UserError(f"--patch {'x'.join(map(str, patch))} does not fit preset {preset_cfg['name']}: give "
                         f"{dims} sizes, each a multiple of {multiple}")
     sampler = PatchSampler(SpatialView(target, level), SpatialView(input, level) if input else None, degrade=deg,
-                           patch=patch, batch=batch * workers, seed=seed, val_fraction=val_fraction)
+                           patch=patch, batch=batch * workers, seed=seed, val_fraction=val_fraction,
+                           z_context=nets.z_context(preset_cfg))
     data = {"target": tdesc, "input": idesc, "degrade": degrade, "photon_reference": sampler.ref,
-            "patch": list(patch), "batch": batch * workers, "val_fraction": val_fraction, "seed": seed}
+            "patch": list(patch), "batch": batch * workers, "val_fraction": val_fraction, "seed": seed,
+            "z_context": nets.z_context(preset_cfg)}
 
     source, start, norm = _resume_source(out, resume, overwrite, config, data)
     if source is None:
