@@ -131,13 +131,16 @@ def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = I
 
 
 def finish(out, seconds: float, log=print) -> dict:
-    """Drop the optimizer state (not part of the model or its hash: a third of the file) and record the time."""
+    """Ship a checkpoint: drop the optimizer state (not part of the model or its hash), store the EMA weights (the
+    ones restoring uses) as the model weights too (torch.save writes shared tensors once: half the file; continuing
+    training from a shipped model starts from its EMA), and record the training time."""
     ck = train.load_checkpoint(out)
     history = ck.get("history") or [{}]
     if not seconds and history[-1].get("it_per_s"):  # shipping an interrupted run: estimate from its own log
         seconds = ck["iteration"] / history[-1]["it_per_s"]
     ck["provenance"]["train_seconds"] = round(seconds)
     ck.pop("optimizer", None)
+    ck["model"] = ck["ema"]
     ck = train.save_checkpoint(out, ck)
     log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), iteration {ck['iteration']}, hash {ck['hash'][:12]}")
     return ck

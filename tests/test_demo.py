@@ -14,11 +14,14 @@ MIN_GAIN_DB = 2.0  # measured on this configuration: see src/volrestore/models/R
 
 def test_default_model_is_shipped_and_resolves():
     path = default_model_path()
-    assert path.is_file() and path.stat().st_size < 5e6
+    assert path.is_file() and path.stat().st_size < 20e6  # the package's limit for shipped weights
     spec = restorers.resolve("default", samples=2, std=True)
-    assert spec.name == str(path) and spec.spatial_dims == 3 and spec.outputs == ("mean", "std")
-    seeds = set(train.load_checkpoint(path)["provenance"]["train_seeds"])
-    assert demo.SEED not in seeds  # the demo shows a phantom the model never saw
+    # a 2.5D model: a 2D net that sees 2 neighbouring z-slices on each side
+    assert spec.name == str(path) and spec.spatial_dims == 2 and spec.z_context == 2
+    assert spec.outputs == ("mean", "std")
+    data = train.load_checkpoint(path)["provenance"]["data"]
+    assert demo.SEED not in data["phantoms"]  # the demo shows a phantom the model never saw
+    assert data["held_out_real"] == "Fluo-N3DH-CHO_02_img.tif"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_restore_with_default_model(demo_run, tmp_path):
     restored = tmp_path / "r.ome.zarr"
     result = CliRunner().invoke(main, ["restore", str(out / "degraded.ome.zarr"), str(restored), "--model", "default",
                                        "--samples", "2", "--steps", "1", "--std", "--workers", "1",
-                                       "--tile", "32", "48", "48", "--overlap", "8"])
+                                       "--tile", "1", "48", "48", "--overlap", "8"])
     assert result.exit_code == 0, result.output
     info = ngff.read_info(restored)
     assert info.complete and info.provenance["parameters"]["model"] == str(default_model_path())

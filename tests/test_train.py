@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
     """tiny-2d trained briefly on a synthetic pair: enough to beat the noisy input, not to be good."""
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     sampler = make_sampler(shape=(8, 128, 96), patch=(32, 32), batch=8)
-    cfg = train.TrainConfig(preset="tiny-2d", iterations=300, warmup=20, lr=2e-3, checkpoint_every=300)
+    cfg = train.TrainConfig(preset="tiny-2d", iterations=300, warmup=20, lr=1e-2, checkpoint_every=300)
     ck = train.train(sampler, path, cfg, sampler.fit_normalisation(), val=sampler.validation(4))
     return path, ck, sampler
 
@@ -91,9 +91,9 @@ def test_restorer_beats_input_avg_helps_deterministic_batch_independent(trained)
     assert np.array_equal(single["mean"][0], a["mean"][1])  # bitwise: batching does not change a tile
     assert not np.array_equal(r(noisy, origins, seed=6)["mean"], a["mean"])
     gain = psnr(a["mean"], clean) - psnr(noisy, clean)
-    assert gain > 2.0, gain  # ~18 dB input; the 300-iteration tiny net gains several dB
+    assert gain > 5.0, gain  # 17.4 dB input; the 300-iteration tiny net gains 7.8 dB (measured)
     one = DiffusionRestorer(path, samples=1, steps=8)(noisy, origins, seed=5)["mean"]
-    assert psnr(a["mean"], clean) > psnr(one, clean) + 0.3  # DDPM-avg: K = 4 beats K = 1
+    assert psnr(a["mean"], clean) > psnr(one, clean) + 1.0  # DDPM-avg: K = 4 beats K = 1 (by 1.7 dB here)
     assert a["std"].min() >= 0 and np.median(a["std"]) > 0  # samples differ where the data are noisy
 
 
@@ -164,12 +164,12 @@ def test_presets_by_name_or_path(tmp_path):
     assert {"paper-2d", "unet3d", "tiny-2d", "tiny-3d"} <= set(nets.preset_names())
     paper = nets.build("paper-2d")
     assert 60e6 < nets.count_params(paper) < 66e6 and paper.size_multiple == 8  # the paper's ~64 M
-    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in paper.modules())
+    assert {b.dropout for b in paper.modules() if isinstance(b, nets.Block)} == {0.2}  # the paper's dropout
     for name in ("tiny-2d", "tiny-3d"):
         assert 1e4 < nets.count_params(nets.build(name)) < 1e6
     (tmp_path / "mine.yaml").write_text(nets.resources.files("volrestore").joinpath("presets", "tiny-3d.yaml")
                                         .read_text())
     net = nets.build(str(tmp_path / "mine.yaml"), objective="regression")
     assert net.spatial_dims == 3 and net.objective == "regression"
-    with pytest.raises(UserError, match="paper-2d, tiny-2d, tiny-3d, unet3d"):
+    with pytest.raises(UserError, match="paper-2d, small-2.5d, small-2d, tiny-2d, tiny-3d, unet3d"):
         nets.load_preset("paper-3d")

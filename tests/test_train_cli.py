@@ -120,7 +120,7 @@ def test_models_lists_shipped_and_local_checkpoints(images, cluster, tmp_path, m
     assert result.exit_code == 0, (result.output, result.exception)
     local = [m for m in json.loads(result.stdout) if m["source"] == "local"]
     good, junk = sorted(local, key=lambda m: m["name"])
-    assert (good["preset"], good["objective"], good["iteration"], good["spatial_dims"]) == ("tiny-2d", "v", 2, 2)
+    assert (good["preset"], good["objective"], good["iteration"], good["spatial_dims"]) == ("tiny-2d", "edm", 2, 2)
     assert 1e4 < good["parameters"] < 1e6 and good["size_bytes"] > 0 and len(good["hash"]) == 64
     assert "clean.ome.zarr (4x48x48) + degrade poisson" in good["training_data"]
     assert "not a volrestore model" in junk["error"]
