@@ -40,7 +40,7 @@ TRAIN_DEGRADE = f"poisson:photons=3-30,read={READ}"
 FALLBACK_DEGRADE = f"poisson:photons=10,read={READ}"
 RANGE_OK = True
 DIFFUSION_OBJECTIVE = None  # None: the preset's own (diffusion) objective
-DEFAULT_PRESET, QUICK_PRESET = "small-2d", "tiny-2d"
+DEFAULT_PRESET, QUICK_PRESET = "tiny-2.5d", "tiny-2d"
 SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 KS, QUICK_KS = (1, 4, 8), (2,)
 ANCESTRAL_STEPS, QUICK_ANCESTRAL_STEPS = 200, 5
@@ -279,12 +279,14 @@ def care(vol: dict, photons: list[float], noisy_paths: dict, args, py: Path) -> 
     train_clean = read(vol["train"]).astype(np.float32)
     p3, p2 = (QUICK_CARE_PATCH_3D, QUICK_CARE_PATCH_2D) if args.quick else (CARE_PATCH_3D, CARE_PATCH_2D)
     dims = 3 if train_clean.shape[0] >= p3[0] and read(vol["eval"]).shape[0] >= 8 else 2
+    if args.care_dims:
+        dims = args.care_dims
     want = p3 if dims == 3 else p2
     epochs = QUICK_CARE_EPOCHS if args.quick else CARE_EPOCHS
     extent = train_clean.shape[-dims:]
     patch = [2 ** int(math.log2(min(w, e))) for w, e in zip(want, extent)]  # CAREamics wants powers of 2
     spec = TRAIN_DEGRADE if RANGE_OK else FALLBACK_DEGRADE
-    tag = key(args.iterations, patch, CARE_BATCH, CARE_COPIES, epochs, spec, CAREAMICS, TORCH_PINS, DEGRADE_KEY)
+    tag = key(dims, args.iterations, patch, CARE_BATCH, CARE_COPIES, epochs, spec, CAREAMICS, TORCH_PINS, DEGRADE_KEY)
     d = vol["dir"] / f"care-{tag}"
     d.mkdir(exist_ok=True)
     outs = {p: d / f"pred_p{p:g}.npy" for p in photons}
@@ -650,6 +652,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny crops, one photon level, 20 iterations, K=2, "
                     "CARE only if its venv exists")
+    ap.add_argument("--care-dims", type=int, choices=(2, 3), default=None,
+                    help="CARE's network: 3D where the volume allows [default], 2D (what a 2-core CPU affords)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--cluster", default="local", help="volrestore train/restore --cluster (cuda on a GPU machine)")
     args = ap.parse_args()

@@ -171,5 +171,5 @@ def test_presets_by_name_or_path(tmp_path):
                                         .read_text())
     net = nets.build(str(tmp_path / "mine.yaml"), objective="regression")
     assert net.spatial_dims == 3 and net.objective == "regression"
-    with pytest.raises(UserError, match="paper-2d, small-2.5d, small-2d, tiny-2d, tiny-3d, unet3d"):
+    with pytest.raises(UserError, match="paper-2d, small-2.5d, small-2d, tiny-2.5d, tiny-2d, tiny-3d, unet3d"):
         nets.load_preset("paper-3d")

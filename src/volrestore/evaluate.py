@@ -307,7 +307,7 @@ def seam_check(restored, *, level=0, max_planes=64) -> float | None:
         axis3 = axis + 3 - len(spatial)
         if axis3 == 0:
             edges = {p - z0 for p in edges if z0 < p < z1}
-        if edges and block.shape[axis3] > 1:
+        if edges and block.shape[axis3] > 1 and t > 1:  # single-plane tiles (2D restorers): every step is a border
             borders[axis3] = sorted(edges)
     ratio = metrics.seam_ratio(block, borders) if borders else None
     return None if ratio is None or not math.isfinite(ratio) else ratio
