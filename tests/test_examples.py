@@ -19,6 +19,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow
 def test_quick_lightsheet_example(tmp_path):
     example = _load_example()
     # A valid copy fetched earlier (shared/data/fetch-samples.sh puts one in sample-data/) saves the download;

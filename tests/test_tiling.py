@@ -52,6 +52,7 @@ def restore(src, out, model, *extra):
     return ngff.open_level(out)[...].astype(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,options", [("regression", []),
                                                ("edm", ["--samples", "1", "--steps", "3", "--seed", "3"])])
 def test_tile_size_does_not_change_the_restoration(models, held_out, tmp_path, objective, options):
@@ -70,6 +71,7 @@ def test_tile_size_does_not_change_the_restoration(models, held_out, tmp_path, o
     assert ratio <= 1.05, ratio
 
 
+@pytest.mark.slow
 def test_trained_2_5d_model_beats_the_gaussian_filter_on_a_held_out_phantom(models, held_out, tmp_path):
     clean, noisy, src = held_out
     best_gaussian = max(metrics.psnr(ndimage.gaussian_filter(noisy, s), clean) for s in (0.5, 1, 1.5, 2, 3))

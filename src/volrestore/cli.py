@@ -393,9 +393,9 @@ def _print_models(models):
 
 @main.command("demo")
 @click.argument("outdir", default="volrestore-demo", type=click.Path(file_okay=False))
-@click.option("--samples", "-K", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--samples", "-K", type=click.IntRange(min=1), default=2, show_default=True,
               help="Samples averaged per tile (>= 2 also writes their std).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Sampler steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampler steps.")
 @click.option("--size", default=None, help="Sample volume ZxYxX [32x64x64].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the model [all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace the demo's files in OUTDIR.")
