@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import diffusion as dfn
-from . import noise
+from . import nets, noise
 from .errors import UserError
 from .restorers import Restorer, RestorerSpec
 from .train import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
@@ -87,7 +87,7 @@ def resolve(name: str, **options) -> RestorerSpec:
         options=tuple(sorted({**opts, "model_hash": ck["hash"]}.items())),
         factory="volrestore.diffusion_restorer:DiffusionRestorer",
         spatial_dims=spatial_dims,
-        size_multiple=2 ** (len(ck["preset"]["channel_mult"]) - 1),
+        size_multiple=nets.size_multiple(ck["preset"]),
         z_context=int(ck["preset"].get("z_context", 0)),
         outputs=("mean", "std") if opts["std"] else ("mean",),
         default_tile=tile,

@@ -194,7 +194,7 @@ class ConditionalUNet(nn.Module):
             raise UserError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
         dims = self.spatial_dims = int(preset["spatial_dims"])
         mult = [int(m) for m in preset["channel_mult"]]
-        self.size_multiple = 2 ** (len(mult) - 1)
+        self.size_multiple = size_multiple(preset)
         self.objective = objective
         base, nb, drop = int(preset["channels"]), int(preset["num_blocks"]), float(preset["dropout"])
         cblock = [base * m for m in mult]
@@ -259,6 +259,11 @@ def receptive_radius(preset: dict) -> int:
         r += 2 * nb * s + (2 * s + s if level else 0)  # encoder blocks; down block (2 convs + pooling phase)
         r += 2 * (nb + 1) * s + (4 * s if level == len(mult) - 1 else 2 * s + s)  # decoder blocks; bottleneck or up
     return r + 1  # conv_out
+
+
+def size_multiple(preset: dict) -> int:
+    """Tile and patch sizes must be multiples of this: one 2x down-sampling per level after the first."""
+    return 2 ** (len(preset["channel_mult"]) - 1)
 
 
 def z_context(preset: dict) -> int:

@@ -139,7 +139,7 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
         raise UserError(f"preset {preset_cfg['name']} is 3D but {target} is 2D ({'x'.join(map(str, tdesc['shape']))}"
                         f"): use a 2D preset ({', '.join(n for n in nets.preset_names() if '2d' in n)})")
     patch = tuple(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)))
-    multiple = 2 ** (len(preset_cfg["channel_mult"]) - 1)
+    multiple = nets.size_multiple(preset_cfg)
     if len(patch) != dims or any(p % multiple for p in patch):
         raise UserError(f"--patch {'x'.join(map(str, patch))} does not fit preset {preset_cfg['name']}: give "
                         f"{dims} sizes, each a multiple of {multiple}")
