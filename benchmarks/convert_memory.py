@@ -20,7 +20,7 @@ import tifffile
 
 CHILD = r"""
 import json, resource, sys, time
-from volrestore.convert import convert   # imports first, so the baseline includes them
+from volrestore.io.tiff import convert   # imports first, so the baseline includes them
 
 def rss():
     with open("/proc/self/statm") as f:

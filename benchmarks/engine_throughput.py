@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from volrestore import benchmark, engine, ngff
-from volrestore.cluster import make_client
+from volrestore.evaluation import benchmark
+from volrestore.blockwise import restore
+from volrestore.io import ngff
+from volrestore.cluster.client import make_client
 
 
 def make_input(path, shape, chunks, dtype, fill, scale=1.0):

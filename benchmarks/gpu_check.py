@@ -16,8 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
-from volrestore import benchmark
-from volrestore.cluster import make_client
+from volrestore.evaluation import benchmark
+from volrestore.cluster.client import make_client
 
 # Sizes keep each run at seconds on an H100: tiny-3d 128³ = 27 tiles of 64³; paper-2d 2 x 512² = 18 tiles of 256²
 # (paper-2d costs 363 GFLOP per evaluation at 256², so K=8 x 20 steps is ~1 PFLOP per pass).

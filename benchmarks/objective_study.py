@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from volrestore import metrics, synthetic, train  # noqa: E402
-from volrestore.degrade import Degradation  # noqa: E402
-from volrestore.diffusion_restorer import DiffusionRestorer  # noqa: E402
+from volrestore import train  # noqa: E402
+from volrestore.evaluation import metrics
+from volrestore.simulate import synthetic
+from volrestore.simulate.degrade import Degradation  # noqa: E402
+from volrestore.model.diffusion_restorer import DiffusionRestorer  # noqa: E402
 
 CASES = [("eps", "cosine", "ancestral", 200), ("v", "cosine", "ancestral", 200), ("edm", "edm", "dpmpp2m", 12),
          ("edm", "edm", "ancestral", 200), ("eps", "cosine", "dpmpp2m", 20)]

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from volrestore import diffusion as dfn
-from volrestore import synthetic, train
-from volrestore.degrade import Degradation
+from volrestore.model import diffusion as dfn
+from volrestore.simulate import synthetic
+from volrestore.model import train
+from volrestore.simulate.degrade import Degradation
 
 
 def psnr(x, ref):

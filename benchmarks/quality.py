@@ -9,7 +9,7 @@ the crop is degraded with `volrestore degrade` at each photon level; our models 
 on the training part and run with `volrestore restore`, exactly as a user would (commands are printed as they run).
 Baselines that need no CLI (oracle Gaussian, BM4D) run in-process; CARE (CAREamics) runs in its own venv through
 benchmarks/care_runner.py, because careamics pins a torch the project's environment must not get. Every method is
-scored by volrestore.metrics on the same crop against the clean crop. Everything is cached under --out keyed by its
+scored by volrestore.evaluation.metrics on the same crop against the clean crop. Everything is cached under --out keyed by its
 parameters, so a rerun only computes what is missing. Writes OUT/results.md, OUT/results.json, OUT/quality.png.
 """
 
@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from volrestore import metrics, ngff, synthetic
+from volrestore.evaluation import metrics
+from volrestore.io import ngff
+from volrestore.simulate import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -337,7 +339,7 @@ def patch_for(vol: dict, args) -> str:
     """The preset's patch, shrunk to the training part (multiples of the net's size multiple)."""
     if args.patch:
         return args.patch
-    from volrestore import nets
+    from volrestore.model import nets
 
     cfg = nets.load_preset(args.preset)
     levels = len(cfg["channel_mult"]) if "channel_mult" in cfg else len(cfg["channels"])
@@ -482,7 +484,7 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
             except Exception as exc:
                 add(p, method, label, failed=str(exc)[:160])
     if "default" in args.methods:
-        from volrestore.diffusion_restorer import default_model_path
+        from volrestore.model.diffusion_restorer import default_model_path
 
         k = QUICK_DEFAULT_K if args.quick else DEFAULT_K
         path = default_model_path()
@@ -594,7 +596,7 @@ def goals(results: dict, kmax: int) -> list[str]:
 
 
 def figure(results: dict, path: Path, kmax: int) -> str | None:
-    from volrestore.figures import _pyplot
+    from volrestore.evaluation.figures import _pyplot
 
     vols = results["volumes"]
     name, p = FIGURE[0], f"{FIGURE[1]:g}"

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 
 import train_default_model as tdm  # same folder: the data and training routine of the shipped model
-from volrestore import diffusion as dfn
-from volrestore import metrics, synthetic, train
-from volrestore.degrade import Degradation
+from volrestore.model import diffusion as dfn
+from volrestore.evaluation import metrics
+from volrestore.simulate import synthetic
+from volrestore.model import train
+from volrestore.simulate.degrade import Degradation
 
 STEPS = (5, 10, 20, 50)
 KS = (1, 2, 4, 8, 16)
@@ -46,7 +48,7 @@ def average(rows: list[dict]) -> dict:
 
 
 def plot(res: dict, path) -> None:
-    from volrestore.figures import _pyplot
+    from volrestore.evaluation.figures import _pyplot
 
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from volrestore import nets, synthetic, train
-from volrestore.degrade import Degradation
+from volrestore.model import nets
+from volrestore.simulate import synthetic
+from volrestore.model import train
+from volrestore.simulate.degrade import Degradation
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SEEDS = tuple(range(1000, 1012))  # evaluation uses phantom seeds < 1000 (tests) or >= 8000 (benchmarks, demo)

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="module")
 def cluster():
     """Two local worker processes (one torch thread each), shared by a module's tests (passed as a Client)."""
-    from volrestore.cluster import make_client
+    from volrestore.cluster.client import make_client
 
     client = make_client("local", workers=2)
     yield client

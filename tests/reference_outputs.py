@@ -54,7 +54,7 @@ def _write(path, data, axes, chunks, version="0.5"):
     if writer is not None:
         writer(path, data, axes=axes, chunks=chunks, version=version)
         return str(path)
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     ngff.create_image(path, shape=data.shape, dtype=data.dtype, axes=list(axes), chunks=chunks,
                       scale=[1.0] * data.ndim, version=version)
@@ -65,7 +65,7 @@ def _write(path, data, axes, chunks, version="0.5"):
 
 def _phantom(shape, seed):
     try:
-        from volrestore.synthetic import phantom
+        from volrestore.simulate.synthetic import phantom
     except ImportError:
         from volrestore.simulate.synthetic import phantom
     return phantom(shape, seed=seed)

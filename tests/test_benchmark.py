@@ -6,7 +6,7 @@ import math
 import pytest
 from _io_helpers import assert_user_error, cli
 
-from volrestore import benchmark
+from volrestore.evaluation import benchmark
 
 
 def test_benchmark_json_fields_are_complete_and_consistent():

@@ -10,7 +10,7 @@ import tifffile
 import zarr
 from _io_helpers import assert_user_error, cli
 
-from volrestore import ngff
+from volrestore.io import ngff
 
 
 @pytest.fixture

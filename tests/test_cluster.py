@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from volrestore import cluster, ngff
+from volrestore.cluster import client as cluster_client
+from volrestore.io import ngff
 from _io_helpers import assert_user_error, cli
 
 
@@ -49,8 +50,8 @@ def test_unreachable_scheduler_times_out_with_a_clear_message(image, tmp_path, m
 
 def test_local_clusters_get_one_thread_per_worker_and_bounded_failures(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    config = cluster._worker_config(1)
+    config = cluster_client._worker_config(1)
     assert config["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == "1"
-    assert config["distributed.scheduler.allowed-failures"] == cluster.ALLOWED_FAILURES
+    assert config["distributed.scheduler.allowed-failures"] == cluster_client.ALLOWED_FAILURES
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting wins
-    assert cluster._worker_config(1)["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == "3"
+    assert cluster_client._worker_config(1)["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == "3"

@@ -4,7 +4,7 @@ import numpy as np
 import tifffile
 from _io_helpers import assert_user_error, cli, read_back, transforms, validate
 
-from volrestore import ngff
+from volrestore.io import ngff
 
 
 def _convert(src, out, *args):

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from _io_helpers import assert_user_error, cli
 
-from volrestore import degrade, ngff, synthetic
+from volrestore.simulate import degrade
+from volrestore.io import ngff
+from volrestore.simulate import synthetic
 
 
 @pytest.fixture

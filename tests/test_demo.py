@@ -5,9 +5,12 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from volrestore import demo, ngff, restorers, train
+from volrestore import demo
+from volrestore.io import ngff
+from volrestore.model import restorers
+from volrestore.model import train
 from volrestore.cli import main
-from volrestore.diffusion_restorer import default_model_path
+from volrestore.model.diffusion_restorer import default_model_path
 
 MIN_GAIN_DB = 2.0  # measured on this configuration: see src/volrestore/models/README.md
 

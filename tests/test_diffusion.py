@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from volrestore import diffusion as dfn
-from volrestore import noise
+from volrestore.model import diffusion as dfn
+from volrestore.model import noise
 
 torch.set_num_threads(1)
 N = 20000  # i.i.d. "pixels": standard error of a variance ratio ~ sqrt(2/N) = 1 %

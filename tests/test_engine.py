@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from _io_helpers import assert_user_error, cli
 
-from volrestore import ngff
-from volrestore.engine import PROGRESS_DIR, restore, std_path
+from volrestore.io import ngff
+from volrestore.blockwise.restore import PROGRESS_DIR, restore, std_path
 
 TILE = ["--tile", 16, 16, 16, "--overlap", 4]
 
@@ -187,7 +187,7 @@ def test_kill_process_group_and_resume_is_bitwise(addr, volume, tmp_path):
 
 
 def test_worker_sigkill_mid_run_completes_identically(volume, tmp_path):
-    from volrestore.cluster import make_client
+    from volrestore.cluster.client import make_client
 
     _, a, _ = volume
     kw = dict(model="randcnn", tile=[16, 16, 16], overlap=4, chunks=[4, 16, 16], block=[4, 16, 16], progress=False)
@@ -304,7 +304,7 @@ def test_gpu_worker_overlaps_blocks_but_runs_one_model_call_at_a_time(volume, tm
     """A GPU worker (resource GPU=1, 2 threads) runs two block tasks at once, yet its model calls never overlap."""
     from distributed import Client, LocalCluster, get_worker
 
-    from volrestore import restorers
+    from volrestore.model import restorers
 
     _, a, _ = volume
     calls, lock, hooks = [], threading.Lock(), restorers._test_hooks

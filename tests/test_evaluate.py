@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from volrestore import evaluate as ev
-from volrestore import metrics, ngff
+from volrestore.evaluation import evaluate as ev
+from volrestore.evaluation import metrics
+from volrestore.io import ngff
 from volrestore.cli import main
 
 

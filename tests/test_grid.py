@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from volrestore import noise
+from volrestore.model import noise
 from volrestore.errors import UserError
-from volrestore.grid import AxisGrid, Grid, fitted_tile, reflect, validate_tile
+from volrestore.blockwise.grid import AxisGrid, Grid, fitted_tile, reflect, validate_tile
 
 CASES = [(1, 4, 1), (5, 8, 2), (37, 16, 4), (64, 16, 8), (100, 32, 0), (33, 10, 5), (7, 64, 8)]
 

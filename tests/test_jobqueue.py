@@ -36,7 +36,7 @@ def test_slurm_gpu_job_script_has_the_expected_directives():
     ]:
         assert directive in lines
     assert "module load cuda/12.4" in lines
-    worker = next(line for line in lines if "volrestore.gpu_worker" in line)
+    worker = next(line for line in lines if "volrestore.cluster.gpu_worker" in line)
     # one pinned dask-cuda worker per GPU: GPU resource, a quarter of the threads and memory each (last flag wins)
     assert worker.split("--resources GPU=1 --nthreads 4 --memory-limit ")[1].startswith("29.80GiB")
     assert lines.index("module load cuda/12.4") < lines.index(worker)

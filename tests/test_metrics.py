@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
-from volrestore import metrics
+from volrestore.evaluation import metrics
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from volrestore import nets
+from volrestore.model import nets
 from volrestore.errors import UserError
 
 torch.set_num_threads(1)

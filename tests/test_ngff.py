@@ -7,7 +7,7 @@ import pytest
 import zarr
 from _io_helpers import cli, read_back, transforms, validate
 
-from volrestore import ngff
+from volrestore.io import ngff
 from volrestore.errors import UserError
 
 CASES = [

@@ -7,8 +7,13 @@ import torch
 from _io_helpers import assert_user_error, cli
 from scipy import ndimage
 
-from volrestore import evaluate, metrics, ngff, noise, synthetic, train
-from volrestore.degrade import Degradation
+from volrestore.evaluation import evaluate
+from volrestore.evaluation import metrics
+from volrestore.io import ngff
+from volrestore.model import noise
+from volrestore.simulate import synthetic
+from volrestore.model import train
+from volrestore.simulate.degrade import Degradation
 
 torch.set_num_threads(1)
 DEG = "poisson:photons=10,read=1"

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from volrestore import synthetic, train
-from volrestore.degrade import Degradation
-from volrestore.diffusion_restorer import DiffusionRestorer, resolve
+from volrestore.simulate import synthetic
+from volrestore.model import train
+from volrestore.simulate.degrade import Degradation
+from volrestore.model.diffusion_restorer import DiffusionRestorer, resolve
 from volrestore.errors import UserError
 
 torch.set_num_threads(1)
@@ -159,7 +160,7 @@ def test_degradation_spec_and_determinism(tmp_path):
 
 
 def test_presets_by_name_or_path(tmp_path):
-    from volrestore import nets
+    from volrestore.model import nets
 
     assert {"paper-2d", "unet3d", "tiny-2d", "tiny-3d"} <= set(nets.preset_names())
     paper = nets.build("paper-2d")

@@ -9,9 +9,11 @@ import pytest
 import torch
 from _io_helpers import assert_user_error, cli
 
-from volrestore import catalog, ngff, synthetic
-from volrestore.train import load_checkpoint
-from volrestore.trainjob import partial_path, train_image
+from volrestore.model import catalog
+from volrestore.io import ngff
+from volrestore.simulate import synthetic
+from volrestore.model.train import load_checkpoint
+from volrestore.model.trainjob import partial_path, train_image
 
 torch.set_num_threads(1)
 DEGRADE = "poisson:photons=10,read=1,seed=1"

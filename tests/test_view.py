@@ -10,7 +10,7 @@ import urllib.request
 
 import numpy as np
 
-from volrestore import ngff
+from volrestore.io import ngff
 
 
 def test_view_serves_zarr_with_cors_and_prints_viewer_links(tmp_path):

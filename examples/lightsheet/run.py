@@ -113,7 +113,7 @@ def vr(*args, capture=False) -> str:
 
 def crop(src: Path, out: Path, region) -> None:
     """Write region (tuple of slices over z, y, x) of OME-Zarr src as a new OME-Zarr at its physical position."""
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     info = ngff.read_info(src)
     level = info.levels[0]
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     step("fetch_convert")
 
     # 2. One shared local Dask cluster for every command (starting one per command costs ~10 s each).
-    from volrestore.cluster import make_client
+    from volrestore.cluster.client import make_client
 
     client = make_client("local", workers=a.workers)
     address = client.scheduler.address
@@ -250,7 +250,7 @@ def train_all(spec, target, models: dict, cfg: dict) -> None:
 
 
 def last_history(path: Path) -> dict:
-    from volrestore.train import load_checkpoint
+    from volrestore.model.train import load_checkpoint
 
     ck = load_checkpoint(path)
     h = ck["history"]

@@ -105,7 +105,7 @@ def vr(*args, capture=False) -> str:
 
 def crop(src: Path, out: Path, region) -> None:
     """Write `region` (slices over all axes) of OME-Zarr src as a new OME-Zarr at its physical position."""
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     info = ngff.read_info(src)
     level = info.levels[0]
@@ -142,7 +142,7 @@ def estimate_noise(raw: np.ndarray) -> dict:
 
 def rescale(src: Path, out: Path, gain: float, offset: float) -> None:
     """Write gain * src + offset (float32) as a new OME-Zarr with src's grid and metadata."""
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     info = ngff.read_info(src)
     ngff.create_like(info, out, dtype="float32", n_levels=1, overwrite=True,
@@ -158,7 +158,7 @@ def frames_figure(raw: Path, restored: Path, out: Path, n: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     rows = []
     for path in (raw, restored):
@@ -208,14 +208,14 @@ def main(argv=None) -> dict:
     vr("convert", yeast_tif, yeast_all, "--overwrite")  # t, z, y, x with voxel size and time step from OME-XML
     vr("convert", rbc_tif, rbc, "--chunks", 32, 128, 128, "--overwrite")  # 0.3 x 0.145 x 0.145 um (ImageJ tags)
     crop(yeast_all, raw, cfg["region"])
-    from volrestore import ngff
+    from volrestore.io import ngff
 
     noise = estimate_noise(np.asarray(ngff.open_level(yeast_all, 0)[:5]))
     log("yeast noise estimate: " + json.dumps({k: round(v, 2) for k, v in noise.items()}))
     train_degrade = f"poisson:photons={noise['photons_at_p99.9']:.0f},read={noise['read_photons']:.1f}"
     step("fetch_convert")
 
-    from volrestore.cluster import make_client
+    from volrestore.cluster.client import make_client
 
     client = make_client("local", workers=a.workers)
     address = client.scheduler.address
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
         # another sample must first be brought to that range: a linear map of the yeast's own 0.1/99.9 percentiles
         # onto the training input's, undone on the output (degrade-made pairs share intensity units, so the same
         # map inverts the output). Without it the model sees the whole yeast frame as near-black background.
-        from volrestore.train import load_checkpoint
+        from volrestore.model.train import load_checkpoint
 
         lo_t, hi_t = load_checkpoint(model)["normalisation"]["input"]
         lo_y, hi_y = np.percentile(np.asarray(ngff.open_level(raw, 0)), (0.1, 99.9))

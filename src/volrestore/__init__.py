@@ -7,19 +7,19 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-from .errors import UserError  # noqa: E402
+from volrestore.errors import UserError  # noqa: E402
 
 
 def open(path, level=0):  # noqa: A001 - mirrors xarray/zarr naming on purpose
     """Open an OME-Zarr image level as a lazy, dask-backed xarray.DataArray with physical coordinates."""
-    from .ngff import open_image
+    from volrestore.io.ngff import open_image
 
     return open_image(path, level=level)
 
 
 def restore(*args, **kwargs):
-    """Restore an OME-Zarr image blockwise on a Dask cluster; see volrestore.engine.restore."""
-    from .engine import restore as _restore
+    """Restore an OME-Zarr image blockwise on a Dask cluster; see volrestore.blockwise.restore.restore."""
+    from volrestore.blockwise.restore import restore as _restore
 
     return _restore(*args, **kwargs)
 

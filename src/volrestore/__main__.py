@@ -1,5 +1,5 @@
 """`python -m volrestore` runs the command-line interface."""
 
-from .cli import main
+from volrestore.cli import main
 
 main()

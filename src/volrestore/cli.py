@@ -4,8 +4,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import UserError
+from volrestore import __version__
+from volrestore.errors import UserError
 
 
 class _Group(click.Group):
@@ -42,7 +42,7 @@ def cluster_group():
 @click.argument("config", type=click.Path(dir_okay=False))
 def cluster_job_script(config):
     """Print the batch script dask-jobqueue would submit for CONFIG (a jobqueue YAML), without submitting it."""
-    from .jobqueue import job_script
+    from volrestore.cluster.jobqueue import job_script
 
     click.echo(job_script(config), nl=False)
 
@@ -57,7 +57,7 @@ def info_cmd(path, as_json):
     """Show an OME-Zarr image: NGFF version, axes, pyramid levels, channels, provenance."""
     import json
 
-    from .ngff import read_info
+    from volrestore.io.ngff import read_info
 
     info = read_info(path)
     if as_json:
@@ -82,7 +82,7 @@ def info_cmd(path, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert_cmd(src, out, voxel_size, unit, chunks, shards, version, levels, overwrite):
     """Convert a TIFF / OME-TIFF / ImageJ TIFF stack SRC into the OME-Zarr image OUT, streaming plane by plane."""
-    from .convert import convert
+    from volrestore.io.tiff import convert
 
     info = convert(src, out, voxel_size=voxel_size, unit=unit, chunks=chunks, shards=shards, version=version,
                    n_levels=levels, overwrite=overwrite, progress=sys.stderr.isatty(), command=command_line())
@@ -146,7 +146,7 @@ def _print_info(info):
                    "(image; the default model's default) or use the checkpoint's own intensity map (model).")
 def restore_command(src, out, tile, chunks, block, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""
-    from .engine import restore
+    from volrestore.blockwise.restore import restore
 
     def spatial(values):  # nargs=3 options; the engine also takes 2 values for y x images
         return list(values) if values else None
@@ -182,8 +182,8 @@ def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric
     """Measure restored IMAGES: `PRED REF`, `--compare A B ... --reference REF`, or `PRED --input RAW`."""
     from pathlib import Path
 
-    from . import evaluate as ev
-    from . import figures
+    from volrestore.evaluation import evaluate as ev
+    from volrestore.evaluation import figures
 
     for path in (figure, per_slice):
         if path:
@@ -254,7 +254,7 @@ def _print_comparison(result):
 @click.option("--titles", default=None, help="Comma-separated panel titles [image names].")
 def figure_cmd(images, out, view, z, level, zoom, titles):
     """Draw IMAGES side by side with the same contrast limits and a scale bar."""
-    from .figures import panels
+    from volrestore.evaluation.figures import panels
 
     path = panels(list(images), out, level=level, view=view, z=z, zoom=zoom,
                   titles=titles.split(",") if titles else None)
@@ -267,8 +267,8 @@ def figure_cmd(images, out, view, z, level, zoom, titles):
 @click.option("--port", type=int, default=8000, show_default=True, help="Port for the local HTTP server (0: any).")
 def view_cmd(path, force_serve, port):
     """Open PATH in napari, or serve it on localhost with links for neuroglancer and vizarr."""
-    from . import ngff
-    from .view import open_in_napari, serve
+    from volrestore.io import ngff
+    from volrestore.io.view import open_in_napari, serve
 
     ngff.read_info(path)
     if not force_serve and open_in_napari(path):
@@ -306,11 +306,11 @@ def view_cmd(path, force_serve, port):
 @click.option("--compile", "compile_", is_flag=True, help="Run the network under torch.compile.")
 @click.option("--cluster", default=None, help="Cluster of the end-to-end run [local with 1 worker on cpu; cuda].")
 @click.option("--workers", type=int, default=None, help="Workers of that cluster.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (fields: volrestore.benchmark.FIELDS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (fields: volrestore.evaluation.benchmark.FIELDS).")
 def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, batch, compile_, cluster, workers,
                   as_json):
     """Measure bare-model and end-to-end restore voxels/s, FLOP/s, memory and hours per TB, in one run."""
-    from . import benchmark
+    from volrestore.evaluation import benchmark
 
     result = benchmark.run(preset, samples=samples, steps=steps, sampler=sampler, device=device, size=size,
                            tile=list(tile) or None, overlap=overlap, batch=batch, compile=compile_, cluster=cluster,
@@ -351,7 +351,7 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
               help="Workers (GPUs) to train on; N > 1 runs DistributedDataParallel, global batch N x --batch.")
 def train_cmd(target, input_, degrade, preset, out, patch, **kwargs):
     """Train a restoration model on OME-Zarr data as a task on the Dask cluster and write the checkpoint OUT."""
-    from .trainjob import parse_patch, train_image
+    from volrestore.model.trainjob import parse_patch, train_image
 
     train_image(target, out, input=input_, degrade=degrade, preset=preset, patch=parse_patch(patch),
                 progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
@@ -362,7 +362,7 @@ def train_cmd(target, input_, degrade, preset, out, patch, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (full hashes and training data).")
 def models_cmd(dirs, as_json):
     """List the shipped models and the checkpoints in DIRS (default: the current directory)."""
-    from .catalog import list_models
+    from volrestore.model.catalog import list_models
 
     models = list_models(dirs)
     if as_json:
@@ -402,8 +402,8 @@ def _print_models(models):
 def demo_cmd(outdir, samples, steps, size, threads, overwrite):
     """Degrade a synthetic volume, restore it with the default model on a local Dask cluster, write OME-Zarr images
     and a PNG into OUTDIR, and print PSNR/SSIM before and after. Offline; a few minutes on a laptop CPU."""
-    from . import demo
-    from .benchmark import parse_size
+    from volrestore import demo
+    from volrestore.evaluation.benchmark import parse_size
 
     shape = parse_size(size, 0) if size else demo.SHAPE
     demo.run(outdir, samples=samples, steps=steps, shape=shape, threads=threads, overwrite=overwrite, echo=click.echo)
@@ -419,7 +419,7 @@ def demo_cmd(outdir, samples, steps, size, threads, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def degrade_cmd(src, out, spec, level, dtype, overwrite):
     """Write a degraded copy of the clean image SRC (blur, binning, Poisson + read noise): evaluation pairs."""
-    from .degrade import degrade_image
+    from volrestore.simulate.degrade import degrade_image
 
     result = degrade_image(src, out, spec, level=level, dtype=dtype, overwrite=overwrite, command=command_line())
     click.echo(f"wrote {result['output']} ({result['blocks']} chunks; {spec} at reference intensity "

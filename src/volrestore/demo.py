@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate, figures, ngff, synthetic
-from .degrade import Degradation
-from .errors import UserError
+from volrestore.evaluation import evaluate
+from volrestore.evaluation import figures
+from volrestore.io import ngff
+from volrestore.simulate import synthetic
+from volrestore.simulate.degrade import Degradation
+from volrestore.errors import UserError
 
 # Seed 9000 is an evaluation seed: the default model was trained on phantoms 1000-1011 only
 # (benchmarks/train_default_model.py), so the demo never shows it data it has seen.
@@ -59,8 +62,8 @@ def run(outdir, *, samples: int = 2, steps: int = 8, sampler: str = "dpmpp2m", s
                                                                                   "degradation": degradation}},
                overwrite)
 
-    from .cluster import connect, machine_cores
-    from .engine import restore
+    from volrestore.cluster.client import connect, machine_cores
+    from volrestore.blockwise.restore import restore
 
     t1 = time.perf_counter()
     with connect("local", workers=1, threads_per_worker=threads or machine_cores(), echo=echo) as client:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ngff
-from .errors import UserError
+from volrestore.io import ngff
+from volrestore.errors import UserError
 
 DEFAULT_CHUNKS = (64, 256, 256)  # z, y, x; t and c chunks are always 1
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import engine, ngff, nets
-from .cluster import connect, task_resources
-from .errors import UserError
+from volrestore.blockwise import restore
+from volrestore.io import ngff
+from volrestore.model import nets
+from volrestore.cluster.client import connect, task_resources
+from volrestore.errors import UserError
 
 TB_VOXELS = 1e12 / 2  # voxels in a terabyte of uint16
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name();
@@ -173,9 +175,9 @@ def make_volume(path, shape, seed=0):
     The phantom is drawn at most 128 voxels per axis and mirrored out to the shape: its content does not change the
     speed, and drawing a big phantom would take longer than the benchmark.
     """
-    from .degrade import Degradation
-    from .synthetic import phantom
-    from .train import Normalisation
+    from volrestore.simulate.degrade import Degradation
+    from volrestore.simulate.synthetic import phantom
+    from volrestore.model.train import Normalisation
 
     small = tuple(min(n, 128) for n in shape)
     clean = phantom(small, seed=seed)
@@ -194,8 +196,8 @@ def random_checkpoint(preset: dict, path, norm, seed=0):
     """A checkpoint of the preset's network with seeded random weights (untrained); returns (path, parameters)."""
     import torch
 
-    from .diffusion import Schedule
-    from .train import save_checkpoint
+    from volrestore.model.diffusion import Schedule
+    from volrestore.model.train import save_checkpoint
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -311,7 +313,7 @@ def _device_name(restorer) -> str:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    from .cluster import machine_cores
+    from volrestore.cluster.client import machine_cores
 
     return f"{name} ({machine_cores()} cores visible)"
 

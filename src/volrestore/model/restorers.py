@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import noise
-from .errors import UserError
+from volrestore.model import noise
+from volrestore.errors import UserError
 
 
 class Restorer:
@@ -37,7 +37,7 @@ class RestorerSpec:
 
     name: str
     options: tuple[tuple[str, object], ...] = ()
-    factory: str = "volrestore.restorers:build_simple"
+    factory: str = "volrestore.model.restorers:build_simple"
     spatial_dims: int = 3
     size_multiple: int = 1
     outputs: tuple[str, ...] = ("mean",)
@@ -107,7 +107,7 @@ def resolve(model: str, **options) -> RestorerSpec:
     # Hook for the diffusion model (another module): a checkpoint path or the bundled 'default'.
     if name == "default" or name.endswith(".pt"):
         try:
-            diffusion_restorer = importlib.import_module("volrestore.diffusion_restorer")
+            diffusion_restorer = importlib.import_module("volrestore.model.diffusion_restorer")
         except ImportError:
             raise UserError(f"model {name} needs the diffusion restorer, which this install lacks") from None
         return diffusion_restorer.resolve(name, **merged)

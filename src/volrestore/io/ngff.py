@@ -14,8 +14,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import zarr
 
-from . import __version__
-from .errors import UserError
+from volrestore import __version__
+from volrestore.errors import UserError
 
 AXIS_ORDER = "tczyx"
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
@@ -376,7 +376,7 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
         for i, (_, scl, trn) in enumerate(levels)
     ]
     multiscale = {"axes": [a.to_ngff() for a in axes], "datasets": datasets, "name": Path(str(path)).name,
-                  "type": "mean", "metadata": {"method": "volrestore.ngff.build_pyramid", "version": __version__}}
+                  "type": "mean", "metadata": {"method": "volrestore.io.ngff.build_pyramid", "version": __version__}}
     ome: dict[str, Any] = {"multiscales": [multiscale]}
     if channel_names is not None:
         ome["omero"] = _omero(channel_names, dtype)

@@ -20,10 +20,11 @@ import numpy as np
 import zarr
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import ngff, restorers
-from .cluster import connect, task_resources
-from .errors import UserError
-from .grid import Grid, validate_tile
+from volrestore.io import ngff
+from volrestore.model import restorers
+from volrestore.cluster.client import connect, task_resources
+from volrestore.errors import UserError
+from volrestore.blockwise.grid import Grid, validate_tile
 
 PROGRESS_DIR = ".volrestore-progress"  # inside the output: one empty file per finished write-block
 TASK_RETRIES = 2  # a block task that raises is retried this often, then the run stops naming the block

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, signal
 
-from .errors import UserError
+from volrestore.errors import UserError
 
 GRAMMAR = ("poisson:photons=P[,read=R][,blur=PSF.tif|.npy][,down=D][,seed=S] "
            "e.g. poisson:photons=20,read=2,blur=psf.tif,down=2; P and R may be ranges LO-HI (drawn per patch)")
@@ -133,7 +133,8 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     """
     from itertools import product
 
-    from . import metrics, ngff
+    from volrestore.evaluation import metrics
+    from volrestore.io import ngff
 
     deg = Degradation.parse(spec)
     info = ngff.read_info(src)

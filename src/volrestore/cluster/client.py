@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import dask
 
-from .errors import UserError
+from volrestore.errors import UserError
 
 CONNECT_TIMEOUT_S = 10
 # A task that kills its worker this many times is declared bad (default 3): bounded retries, never endless respawn.
@@ -30,7 +30,7 @@ def make_client(spec="local", workers: int | None = None, threads_per_worker: in
     cuda         : dask-cuda's LocalCUDACluster: one worker per visible GPU, pinned with CUDA_VISIBLE_DEVICES,
                    advertising the resource GPU=1 that model tasks require.
     tcp://h:port : an existing scheduler; UserError when it cannot be reached within CONNECT_TIMEOUT_S.
-    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.jobqueue).
+    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.cluster.jobqueue).
     """
     from distributed import Client
 
@@ -49,7 +49,7 @@ def make_client(spec="local", workers: int | None = None, threads_per_worker: in
         return _client_for(cluster)
     if spec == "cuda":
         return _client_for(_cuda_cluster(workers), gpu=True)
-    from .jobqueue import is_jobqueue_spec, load_spec, make_cluster
+    from volrestore.cluster.jobqueue import is_jobqueue_spec, load_spec, make_cluster
 
     if is_jobqueue_spec(spec):
         with dask.config.set(_worker_config(threads_per_worker)):

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import UserError
+from volrestore.errors import UserError
 
 
 def reflect(index: np.ndarray, size: int) -> np.ndarray:

@@ -13,11 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
-from . import __version__, nets, ngff
-from .cluster import connect, machine_cores, task_resources
-from .degrade import Degradation
-from .errors import UserError
-from .train import Normalisation, PatchSampler, TrainConfig, check_resumable, load_checkpoint, train
+from volrestore import __version__
+from volrestore.model import nets
+from volrestore.io import ngff
+from volrestore.cluster.client import connect, machine_cores, task_resources
+from volrestore.simulate.degrade import Degradation
+from volrestore.errors import UserError
+from volrestore.model.train import Normalisation, PatchSampler, TrainConfig, check_resumable, load_checkpoint, train
 
 WORKER_WAIT_S = 120  # how long DDP waits for N suitable workers to join (jobqueue jobs may queue)
 DDP_TIMEOUT_S = 600  # a rank stuck this long at a collective (a peer died) fails instead of hanging forever

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, ngff
-from .errors import UserError
+from volrestore.evaluation import metrics
+from volrestore.io import ngff
+from volrestore.errors import UserError
 
 # z-planes read at once per block: memory stays bounded (a slab plus the SSIM margin) whatever the volume size.
 DEFAULT_BLOCK_PLANES = 32
@@ -281,7 +282,7 @@ def seam_check(restored, *, level=0, max_planes=64) -> float | None:
     The tile grid comes from the image's volrestore provenance; None when the image has none (not written by
     `volrestore restore`) or a level other than the one restored is asked for.
     """
-    from .grid import AxisGrid, fitted_tile
+    from volrestore.blockwise.grid import AxisGrid, fitted_tile
 
     image = _Image(restored, level, "restored")
     params = (image.info.provenance or {}).get("parameters", {})

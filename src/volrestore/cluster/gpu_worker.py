@@ -1,4 +1,4 @@
-"""Entry point for GPU worker jobs on HPC: `python -m volrestore.gpu_worker SCHEDULER ...` runs `dask cuda worker`."""
+"""Entry point for GPU worker jobs on HPC: `python -m volrestore.cluster.gpu_worker SCHEDULER ...` runs `dask cuda worker`."""
 
 import sys
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import diffusion as dfn
-from . import nets, noise
-from .errors import UserError
-from .restorers import Restorer, RestorerSpec
-from .train import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
+from volrestore.model import diffusion as dfn
+from volrestore.model import nets
+from volrestore.model import noise
+from volrestore.errors import UserError
+from volrestore.model.restorers import Restorer, RestorerSpec
+from volrestore.model.train import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
 
 OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "device": "auto", "compile": False,
            "normalise": None, "input_range": None}
@@ -85,7 +86,7 @@ def resolve(name: str, **options) -> RestorerSpec:
     return RestorerSpec(
         name=str(path),
         options=tuple(sorted({**opts, "model_hash": ck["hash"]}.items())),
-        factory="volrestore.diffusion_restorer:DiffusionRestorer",
+        factory="volrestore.model.diffusion_restorer:DiffusionRestorer",
         spatial_dims=spatial_dims,
         size_multiple=nets.size_multiple(ck["preset"]),
         z_context=int(ck["preset"].get("z_context", 0)),

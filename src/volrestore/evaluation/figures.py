@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ngff
-from .errors import UserError
+from volrestore.io import ngff
+from volrestore.errors import UserError
 
 
 def check_writable(path) -> Path:

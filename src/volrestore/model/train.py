@@ -15,11 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import diffusion as dfn
-from . import nets, noise
-from .degrade import Degradation, crop
-from .grid import reflect
-from .errors import UserError
+from volrestore.model import diffusion as dfn
+from volrestore.model import nets
+from volrestore.model import noise
+from volrestore.simulate.degrade import Degradation, crop
+from volrestore.blockwise.grid import reflect
+from volrestore.errors import UserError
 
 FORMAT = "volrestore-model"
 FORMAT_VERSION = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
-from .train import load_checkpoint
+from volrestore.errors import UserError
+from volrestore.model.train import load_checkpoint
 
 
 def shipped_dir() -> Path:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .errors import UserError
+from volrestore.errors import UserError
 
 OBJECTIVES = ("edm", "v", "eps", "regression")
 ARCH = "mp-unet"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from volrestore.errors import UserError
 
 SCHEDULERS = ("slurm", "pbs", "lsf")
 REQUIRED = ("scheduler", "cores", "memory", "walltime")
@@ -145,7 +145,7 @@ def _job_kwargs(spec: JobqueueSpec) -> dict:
         # One dask-cuda nanny per GPU of the job, each pinned with CUDA_VISIBLE_DEVICES; model tasks need GPU=1.
         per_gpu = format_bytes(_memory_bytes(spec.memory) // spec.gpus).replace(" ", "")
         kwargs["processes"] = 1
-        kwargs["worker_command"] = "volrestore.gpu_worker"
+        kwargs["worker_command"] = "volrestore.cluster.gpu_worker"
         # Later flags win: split the job's threads and memory between its GPU workers.
         threads = max(1, spec.cores // spec.gpus)
         kwargs["worker_extra_args"] = ["--resources", "GPU=1", "--nthreads", threads, "--memory-limit", per_gpu]

@@ -1,0 +1,1 @@
+"""Measuring: image metrics, blockwise evaluation, figures, throughput benchmarks."""

@@ -1,0 +1,1 @@
+"""Models: networks, diffusion and samplers, noise, checkpoints, restorers and their registry, training."""

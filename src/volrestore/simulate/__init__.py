@@ -1,0 +1,1 @@
+"""Simulated data: the degradation (forward) model, synthetic phantoms, degraded copies of images for evaluation."""
