@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from volrestore.evaluation import benchmark
-from volrestore.blockwise import restore
+from volrestore.blockwise import plan as planning
+from volrestore.blockwise import restore as engine
 from volrestore.io import ngff
 from volrestore.cluster.client import make_client
 
@@ -43,7 +44,7 @@ def make_input(path, shape, chunks, dtype, fill, scale=1.0):
 def run(src, out, workers, bare=False, **kw):
     """restore() on a fresh local cluster; with bare, also the bare restorer before and after it, on the worker."""
     if bare:
-        plan, spec = engine.plan(src, kw["model"], tile=kw["tile"], overlap=kw["overlap"], batch=kw["batch"])
+        plan, spec = planning.plan(src, kw["model"], tile=kw["tile"], overlap=kw["overlap"], batch=kw["batch"])
     client = make_client("local", workers=workers)
     try:
         before = client.submit(benchmark.bare_pass, spec, plan, pure=False).result() if bare else None

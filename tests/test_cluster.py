@@ -19,7 +19,7 @@ def image(tmp_path):
 
 
 def test_cuda_without_a_visible_gpu_suggests_local(image, tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(cluster_client, "visible_gpus", lambda: 0)
     result = cli("restore", image, tmp_path / "out.ome.zarr", "--model", "identity", "--cluster", "cuda")
     assert_user_error(result, contains="no GPU is visible")
     assert "--cluster local" in result.stderr
@@ -27,7 +27,7 @@ def test_cuda_without_a_visible_gpu_suggests_local(image, tmp_path, monkeypatch)
 
 
 def test_cuda_without_the_gpu_extra_names_the_install_command(image, tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(cluster_client, "visible_gpus", lambda: 2)
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails as when the extra is not installed
     result = cli("restore", image, tmp_path / "out.ome.zarr", "--model", "identity", "--cluster", "cuda")
     assert_user_error(result, contains="pip install 'volrestore[gpu]'")
@@ -42,7 +42,7 @@ def test_unknown_cluster_spec_and_bad_jobqueue_file(image, tmp_path):
 
 
 def test_unreachable_scheduler_times_out_with_a_clear_message(image, tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
+    monkeypatch.setattr(cluster_client, "CONNECT_TIMEOUT_S", 2)
     result = cli("restore", image, tmp_path / "o.ome.zarr", "--cluster", "tcp://127.0.0.1:9")
     assert_user_error(result, contains="cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert not (tmp_path / "o.ome.zarr").exists()

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from _io_helpers import assert_user_error, cli
 
-from volrestore.io import ngff
-from volrestore.blockwise.restore import PROGRESS_DIR, restore, std_path
+from volrestore.io import ngff, pyramid
+from volrestore.blockwise.blocks import PROGRESS_DIR
+from volrestore.blockwise.restore import restore, std_path
 
 TILE = ["--tile", 16, 16, 16, "--overlap", 4]
 
@@ -28,7 +29,7 @@ def make_image(path, data, chunks, axes="zyx", scale=None, translation=None, n_l
     ngff.create_image(path, shape=data.shape, dtype=data.dtype, axes=list(axes), chunks=chunks, n_levels=n_levels,
                       scale=scale or [1.0] * data.ndim, translation=translation)
     ngff.open_level(path, 0, mode="r+")[...] = data
-    ngff.build_pyramid(path)
+    pyramid.build_pyramid(path)
     ngff.set_complete(path)
     return str(path)
 

@@ -7,7 +7,7 @@ import pytest
 import zarr
 from _io_helpers import cli, read_back, transforms, validate
 
-from volrestore.io import ngff
+from volrestore.io import ngff, pyramid
 from volrestore.errors import UserError
 
 CASES = [
@@ -41,7 +41,7 @@ def _write(path, version, axes, dtype, shape, chunks, shards, levels, unit):
                       translation=[trans[a] for a in axes], chunks=chunks, shards=shards, version=version,
                       n_levels=levels, channel_names=names, provenance={"parameters": {"test": True}})
     ngff.open_level(path, 0, mode="r+")[...] = data
-    ngff.build_pyramid(path)
+    pyramid.build_pyramid(path)
     ngff.set_complete(path)
     return data, ax, [scale[a] for a in axes], [trans[a] for a in axes], names
 
@@ -133,7 +133,7 @@ def test_build_pyramid_on_a_dask_client(tmp_path):
     data = np.random.default_rng(2).integers(0, 255, (5, 33, 17)).astype("uint8")
     ngff.open_level(path, 0, mode="r+")[...] = data
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
-        ngff.build_pyramid(path, client=client, window=3)
+        pyramid.build_pyramid(path, client=client, window=3)
     level1 = ngff.open_level(path, 1)[...]
     np.testing.assert_array_equal(level1, _reference_downsample(data, (2, 2, 2)))
 

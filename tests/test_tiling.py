@@ -7,7 +7,6 @@ import torch
 from _io_helpers import assert_user_error, cli
 from scipy import ndimage
 
-from volrestore.evaluation import evaluate
 from volrestore.evaluation import metrics
 from volrestore.io import ngff
 from volrestore.model import noise

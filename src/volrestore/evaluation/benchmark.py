@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from volrestore.blockwise import restore
+from volrestore.blockwise import blocks
+from volrestore.blockwise import plan as planning
+from volrestore.blockwise import restore as engine
 from volrestore.io import ngff
 from volrestore.model import nets
 from volrestore.cluster.client import connect, task_resources
@@ -95,7 +97,7 @@ def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu
         src, norm = make_volume(tmp / "input.ome.zarr", shape, seed)
         ckpt, params = random_checkpoint(cfg, tmp / "random-init.pt", norm, seed)
         options = dict(samples=samples, sampler=sampler, steps=steps, device=device, compile=compile)
-        plan, spec = engine.plan(src, ckpt, tile=tile, overlap=overlap, batch=batch, seed=seed, **options)
+        plan, spec = planning.plan(src, ckpt, tile=tile, overlap=overlap, batch=batch, seed=seed, **options)
         with connect(cluster, workers, echo=lambda *_: None) as client:
             res = task_resources(client)
             # The bare passes run on a worker, through the restorer that worker caches for the engine: same process,
@@ -222,7 +224,7 @@ def grid_tiles(plan):
 def recompute_factor(plan) -> float:
     """Tile computations summed over the plan's write-blocks / grid tiles (tiles straddling blocks run in each)."""
     calls = 0
-    for index in engine._blocks(plan):
+    for index in blocks.iter_blocks(plan):
         lo = [i * b for i, b in zip(index, plan.block)]
         hi = [min(a + b, n) for a, b, n in zip(lo, plan.block, plan.shape)]
         calls += math.prod(len(r) for r in plan.grid.tiles_touching(lo, hi))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from volrestore.io import ngff
+from volrestore.io import ngff, pyramid
 from volrestore.errors import UserError
 
 DEFAULT_CHUNKS = (64, 256, 256)  # z, y, x; t and c chunks are always 1
@@ -83,7 +83,7 @@ def convert(src, out, *, voxel_size=None, unit=None, chunks=None, shards=None, v
                 raise
             raise UserError(f"reading {src} failed ({ngff.error_summary(exc)}); the TIFF may be truncated or corrupt, "
                             "check it and rerun") from None
-    ngff.build_pyramid(out)
+    pyramid.build_pyramid(out)
     ngff.set_complete(out)
     return ngff.read_info(out)
 

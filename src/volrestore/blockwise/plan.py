@@ -1,0 +1,190 @@
+"""Validate restore arguments into a Plan (tile grid, write-blocks, output chunks, mask mapping, intensity range)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from volrestore.blockwise.grid import Grid, validate_tile
+from volrestore.blockwise.blocks import PROGRESS_DIR
+from volrestore.errors import UserError
+from volrestore.io import ngff
+from volrestore.model import restorers
+
+
+BLOCK_TARGET_STRIDES = 4  # auto write-blocks span ~4 tile strides per axis, so few tiles are computed twice
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a block task needs besides its index (small, sent with each task)."""
+
+    run: str  # unique per restore() call: keys worker-side caches of opened arrays
+    input: str
+    input_array: str
+    outputs: tuple[tuple[str, str, str], ...]  # (restorer output name, image path, level-0 array path)
+    progress: str
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    block: tuple[int, ...]  # write-block size per axis (a multiple of the output chunk/shard)
+    grid: Grid  # over the spatial axes
+    seed: int
+    batch: int
+    dtype: str
+    fill_nan: bool
+    mask: tuple | None  # (path, array path, per-spatial-axis (offset, step) mapping image index -> mask index)
+
+
+
+def plan(input, model="identity", level=0, tile=None, overlap=None, batch=4, seed=0, block=None, **model_options):
+    """(Plan, RestorerSpec) that restore() would use for these arguments, validated, nothing written (benchmarks)."""
+    plan_, spec, _, _ = prepare(str(input), "", model, level, tile, overlap, batch, seed, None, "float32", "error",
+                                 None, block, model_options)
+    return plan_, spec
+
+
+
+def prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtype, nan, chunks, block,
+             model_options):
+    """Validate all arguments and build the Plan and the parameters recorded for --resume."""
+    if not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
+    if not isinstance(seed, int):
+        raise UserError(f"--seed must be a whole number, got {seed!r}")
+    if dtype not in ("float32", "input"):
+        raise UserError(f"--dtype must be float32 or input, got {dtype!r}")
+    if nan not in ("error", "fill"):
+        raise UserError(f"--nan must be error or fill, got {nan!r}")
+    info = ngff.read_info(input)
+    if not 0 <= level < len(info.levels):
+        raise UserError(f"{input} has {len(info.levels)} level(s); choose --level from 0 to {len(info.levels) - 1}")
+    spec = restorers.resolve(model, **model_options)
+    options = dict(spec.options)
+    if options.get("normalise") == "image" and options.get("input_range") is None:
+        # The model adapts to this image's intensities: measure them once, record them (provenance, --resume).
+        spec = restorers.resolve(model, **{**model_options, "normalise": "image",
+                                           "input_range": _input_range(input, level)})
+    lvl = info.levels[level]
+    axes = tuple(info.axis_names)
+    spatial = [a for a in axes if a in "zyx"]
+    sp_idx = [axes.index(a) for a in spatial]
+    sp_shape = [lvl.shape[i] for i in sp_idx]
+
+    # Tile and overlap per spatial axis; a 2D restorer works slice-wise (z tile 1, no z overlap).
+    r_axes = ["z", "y", "x"][3 - spec.spatial_dims :]
+    if spec.spatial_dims == 3 and "z" not in spatial:
+        raise UserError(f"model {spec.name} is 3D but {input} has no z axis; use a 2D model (e.g. dims=2)")
+    if tile is None:  # an int for any model, or a per-axis tuple (a network's training patch)
+        d = spec.default_tile
+        tile = list(d) if isinstance(d, (tuple, list)) else [d] * spec.spatial_dims
+    tile = [int(t) for t in tile]
+    if spec.spatial_dims == 2 and len(tile) == 3:
+        if tile[0] != 1:
+            raise UserError(f"model {spec.name} is 2D: give --tile 1 Y X (or Y X), not a z size of {tile[0]}")
+        tile = tile[1:]
+    if len(tile) != spec.spatial_dims:
+        raise UserError(f"--tile needs {spec.spatial_dims} sizes ({' '.join(a.upper() for a in r_axes)}), got {tile}")
+    overlap = spec.default_overlap if overlap is None else int(overlap)
+    for a, t in zip(r_axes, tile):
+        validate_tile(a, t, overlap, spec.size_multiple, spec.name)
+    by_axis = dict(zip(r_axes, tile))
+    tiles = [by_axis.get(a, 1) for a in spatial]
+    overlaps = [overlap if a in r_axes else 0 for a in spatial]
+    multiples = [spec.size_multiple if a in r_axes else 1 for a in spatial]
+    contexts = [spec.z_context if (a == "z" and spec.spatial_dims == 2) else 0 for a in spatial]
+    grid = Grid.build(sp_shape, tiles, overlaps, multiples, contexts)
+
+    # Output chunks (default: the input level's) and write-blocks (whole chunks/shards, never shared by two tasks).
+    chunks_all = list(lvl.chunks)
+    if chunks is not None:
+        chunks = [int(c) for c in chunks]
+        if len(chunks) != len(spatial) or any(c < 1 for c in chunks):
+            raise UserError(f"--chunks needs {len(spatial)} positive sizes ({' '.join(spatial).upper()}), got {chunks}")
+        for i, c in zip(sp_idx, chunks):
+            chunks_all[i] = c
+    shards = list(lvl.shards) if (lvl.shards and chunks is None and info.version == "0.5") else None
+    unit = [min(u, n) for u, n in zip(shards or chunks_all, lvl.shape)]
+    blk = list(unit)
+    if block is None:
+        for d, i in enumerate(sp_idx):
+            ax = grid.axes[d]
+            if ax.overlap:  # along axes without overlap tiles never straddle blocks: keep one unit
+                target = min(lvl.shape[i], BLOCK_TARGET_STRIDES * ax.stride)
+                blk[i] = max(1, -(-target // unit[i])) * unit[i]
+    else:
+        block = [int(b) for b in block]
+        if len(block) != len(spatial) or any(b < 1 or b % unit[i] for b, i in zip(block, sp_idx)):
+            raise UserError(f"--block needs {len(spatial)} sizes that are multiples of the output "
+                            f"{'shards' if shards else 'chunks'} {[unit[i] for i in sp_idx]}, got {block}")
+        for b, i in zip(block, sp_idx):
+            blk[i] = b
+
+    mask_plan = _mask_plan(mask, info, level, spatial, sp_idx) if mask is not None else None
+    out_dtype = "float32" if dtype == "float32" else lvl.dtype
+    params = {
+        "input": str(Path(input).resolve()), "level": level, **spec.parameters, "tile": tiles,
+        "overlap": overlap, "seed": seed, "dtype": out_dtype, "nan": nan,
+        "mask": str(Path(mask).resolve()) if mask is not None else None,
+        "chunks_all": chunks_all, "shards": shards, "block": blk, "outputs": list(spec.outputs),
+    }
+    plan = Plan(
+        run=uuid.uuid4().hex, input=input, input_array=lvl.path, outputs=(), progress=os.path.join(output, PROGRESS_DIR),
+        axes=axes, shape=tuple(lvl.shape), block=tuple(blk), grid=grid, seed=seed, batch=batch, dtype=out_dtype,
+        fill_nan=nan == "fill", mask=mask_plan,
+    )
+    return plan, spec, info, json.loads(json.dumps(params))
+
+
+
+def _input_range(path, level, max_voxels=20_000_000) -> tuple[float, float]:
+    """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
+    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; from evenly spaced whole planes (bounded reading)."""
+    from scipy import ndimage
+
+    array = ngff.open_level(path, level)
+    names = ngff.read_info(path).axis_names
+    plane_axes = [i for i, a in enumerate(names) if a in "yx"]
+    plane = int(np.prod([array.shape[i] for i in plane_axes]))
+    leading = [i for i, a in enumerate(names) if a not in "yx"]
+    count = int(np.prod([array.shape[i] for i in leading])) if leading else 1
+    step = max(1, -(-count * plane // max_voxels))
+    raw, smooth = [], []
+    for flat in range(0, count, step):
+        index = [slice(None)] * len(names)
+        for i, k in zip(leading, np.unravel_index(flat, [array.shape[i] for i in leading])):
+            index[i] = int(k)
+        values = np.nan_to_num(np.asarray(array[tuple(index)], np.float64))
+        raw.append(values.ravel())
+        smooth.append(ndimage.gaussian_filter(values, 1.0).ravel())
+    background, bright = float(np.median(np.concatenate(raw))), float(np.percentile(np.concatenate(smooth), 99.9))
+    if not bright > background:
+        raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
+    return background, bright
+
+
+
+def _mask_plan(mask, info, level, spatial, sp_idx):
+    """Map image voxel indices to mask voxel indices; the physical extents must match within one mask voxel."""
+    minfo = ngff.read_info(mask)
+    if [a for a in minfo.axis_names if a in "zyx"] != spatial:
+        raise UserError(f"mask {mask} has spatial axes {minfo.spatial_axes}, the image {spatial}; give a matching mask")
+    lvl, mlvl = info.levels[level], minfo.levels[0]
+    mapping = []
+    for a, i in zip(spatial, sp_idx):
+        mi = minfo.axis_names.index(a)
+        s, t, n = lvl.scale[i], lvl.translation[i], lvl.shape[i]
+        ms, mt, mn = mlvl.scale[mi], mlvl.translation[mi], mlvl.shape[mi]
+        lo, hi, mlo, mhi = t - s / 2, t + (n - 0.5) * s, mt - ms / 2, mt + (mn - 0.5) * ms
+        if abs(lo - mlo) > ms * 1.001 or abs(hi - mhi) > ms * 1.001:
+            raise UserError(
+                f"mask {mask} covers {mlo:g}..{mhi:g} on {a} but the image covers {lo:g}..{hi:g}; "
+                "give a mask of the same field of view (any pyramid level of it)"
+            )
+        mapping.append(((t - mt) / ms, s / ms))  # mask index of image voxel i = offset + i * step (rounded)
+    return (mask, mlvl.path, tuple(mapping))

@@ -1,0 +1,207 @@
+"""Block tasks run on the workers: restore one write-block (read, tile, batch, blend, write, mark) or check it for NaN/Inf."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import threading
+import time
+from functools import lru_cache
+
+import numpy as np
+import zarr
+
+from volrestore.blockwise.blocks import block_box, mark_done
+from volrestore.io import ngff
+
+
+@lru_cache(maxsize=16)
+def open_array(run, path, array_path, mode):
+    """Zarr arrays opened once per worker and run (the run id keeps a recreated output from hitting a stale handle)."""
+    return zarr.open_group(path, mode=mode)[array_path]
+
+
+
+def finite_block(plan, index):
+    box = block_box(plan, index)
+    data = open_array(plan.run, plan.input, plan.input_array, "r")[tuple(slice(a, b) for a, b in box)]
+    if np.isfinite(data).all():
+        return "ok", 0
+    bad = tuple(int(v) + a for v, (a, _) in zip(np.argwhere(~np.isfinite(data))[0], box))
+    return f"first at voxel {dict(zip(plan.axes, bad))}", 0
+
+
+
+def restore_block(plan, spec, index):
+    """Read the input this block's tiles need, restore them in batches, blend, write whole chunks, mark done.
+
+    Returns (status, voxels, {"batch": tiles per restorer call it settled on, "compute_s": seconds in the model}).
+    """
+    box = block_box(plan, index)
+    spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
+    other = [d for d, a in enumerate(plan.axes) if a not in "zyx"]
+    lo, hi = [box[d][0] for d in spatial], [box[d][1] for d in spatial]
+    n_vox = math.prod(b - a for a, b in box)
+    if plan.mask is not None and not _has_foreground(plan, lo, hi):
+        mark_done(plan, index)  # the outputs' fill value (0) stands for the skipped region
+        return "empty", n_vox, None
+
+    restorer = spec.build()
+    grid = plan.grid
+    tile_ranges = grid.tiles_touching(lo, hi)
+    read = [ax.read_range(r) for ax, r in zip(grid.axes, tile_ranges)]
+    src = open_array(plan.run, plan.input, plan.input_array, "r")
+    outs = {name: open_array(plan.run, path, arr, "r+") for name, path, arr in plan.outputs}
+    norm = grid.weight_sum(lo, hi)
+    squeeze = restorer.spatial_dims < len(spatial)  # 2D restorer on a 3D volume: tiles are (1, Y, X) slices
+    batch = min(plan.batch, _SETTLED_BATCH.get(plan.run, plan.batch))  # never retry a size that ran out here
+    compute_s = 0.0
+
+    for fixed in itertools.product(*(range(*box[d]) for d in other)):  # each time point / channel separately
+        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, read))], dtype=np.float32)
+        if plan.fill_nan:
+            region = np.nan_to_num(region, nan=0.0, posinf=0.0, neginf=0.0)
+        acc = {name: np.zeros([b - a for a, b in zip(lo, hi)]) for name in outs}
+        # Tiles in the fixed global order, so each voxel's float64 sum is the same whichever block computes it.
+        tiles = itertools.product(*tile_ranges)
+        while group := list(itertools.islice(tiles, batch)):
+            data = np.stack([region[np.ix_(*(ax.tile_index(k, r[0]) for ax, k, r in zip(grid.axes, t, read)))]
+                             for t in group])
+            origins = [(*fixed, *(ax.start(k) for ax, k in zip(grid.axes, t))) for t in group]
+            # Always call with exactly `batch` tiles (pad by repeating the last): a tile's result then never
+            # depends on how many tiles its block has, which keeps outputs bitwise across output chunkings.
+            pad = batch - len(group)
+            data = np.concatenate([data, np.repeat(data[-1:], pad, axis=0)]) if pad else data
+            origins = origins + [origins[-1]] * pad
+            squeezed = data[:, 0] if squeeze and not restorer.z_context else data  # 2.5D: keep the z context
+            result, seconds = _restore_batch(restorer, squeezed, origins, plan.seed, index, batch)
+            compute_s += seconds
+            if result is None:  # GPU out of memory: redo this group with half the batch, and keep that size
+                batch //= 2
+                _SETTLED_BATCH[plan.run] = min(batch, _SETTLED_BATCH.get(plan.run, batch))
+                tiles = itertools.chain(group, tiles)
+                continue
+            for name in outs:
+                res = result[name].reshape(len(data), *grid.tile_shape)
+                for j, t in enumerate(group):
+                    _accumulate(acc[name], res[j], grid, t, lo, hi)
+        for name, arr in outs.items():
+            value = acc[name] / norm
+            dtype = np.dtype(plan.dtype if name == "mean" else "float32")
+            if np.issubdtype(dtype, np.integer):
+                lim = np.iinfo(dtype)
+                value = np.clip(np.rint(value), lim.min, lim.max)
+            arr[_selection(plan, fixed, other, ((d, box[d]) for d in spatial))] = value.astype(dtype)
+    mark_done(plan, index)
+    return "restored", n_vox, {"batch": batch, "compute_s": compute_s}
+
+
+
+def _restore_batch(restorer, data, origins, seed, index, batch):
+    """One restorer call, one per GPU at a time -> (result, seconds); result None when it ran out of GPU memory and
+    a smaller batch is left to try."""
+    try:
+        with _compute_slot():
+            t0 = time.perf_counter()
+            return restorer(data, origins, seed), time.perf_counter() - t0
+    except _oom_errors() as exc:
+        if batch == 1:
+            raise RuntimeError(f"GPU out of memory on block {index} even with batch 1 ({type(exc).__name__}); use "
+                               "a smaller --tile, fewer --samples, or a GPU with more memory") from None
+    _free_gpu_memory()  # here, not in `except`: the exception's traceback still holds the failed call's tensors
+    return None, 0.0
+
+
+
+# Per worker process: the batch each run settled on after a GPU out-of-memory, so later blocks start there.
+_SETTLED_BATCH: dict[str, int] = {}
+
+
+
+_SLOTS_LOCK = threading.Lock()
+
+
+
+_GPU_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+
+def _oom_errors() -> tuple:
+    """torch's CUDA out-of-memory error class, if torch is loaded (a restorer that never imported it cannot raise it)."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
+
+
+
+def _free_gpu_memory():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # hand cached blocks back so the smaller batch can allocate
+
+
+
+def _compute_slot():
+    """At most one restorer call per GPU of this worker at a time; no limit on CPU workers.
+
+    GPU workers run 2 threads (cluster.py): while one block's tiles are on the GPU, the other thread reads and
+    decompresses its block and blends/writes its results. Letting both threads run the model at once would only
+    make them compete for GPU memory (twice the activations) without more throughput. The lock is per model call,
+    not per block, so the GPU never idles while a thread accumulates a finished batch. Results are unchanged: each
+    call is the same call, only its start time moves.
+    """
+    from contextlib import nullcontext
+
+    try:
+        from distributed import get_worker
+
+        gpus = int(get_worker().state.total_resources.get("GPU", 0))
+    except ValueError:  # not inside a Dask worker (a direct call)
+        gpus = 0
+    if gpus < 1:
+        return nullcontext()
+    with _SLOTS_LOCK:
+        return _GPU_SLOTS.setdefault(gpus, threading.BoundedSemaphore(gpus))
+
+
+
+def _selection(plan, fixed, other, spatial_ranges):
+    """Index tuple: one time point/channel on the other axes, [a, b) ranges on the spatial ones."""
+    sel = [None] * len(plan.axes)
+    for d, v in zip(other, fixed):
+        sel[d] = v
+    for d, (a, b) in spatial_ranges:
+        sel[d] = slice(a, b)
+    return tuple(sel)
+
+
+
+def _accumulate(acc, tile_out, grid, k, lo, hi):
+    """acc[block ∩ tile] += weight * tile output (float64)."""
+    starts = [ax.start(kk) for ax, kk in zip(grid.axes, k)]
+    a = [max(l, s) for l, s in zip(lo, starts)]
+    b = [min(h, s + ax.tile) for h, s, ax in zip(hi, starts, grid.axes)]
+    if any(x >= y for x, y in zip(a, b)):
+        return
+    tsl = tuple(slice(x - s, y - s) for x, y, s in zip(a, b, starts))
+    acc[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] += grid.weights(k)[tsl] * tile_out[tsl]
+
+
+
+def _has_foreground(plan, lo, hi) -> bool:
+    path, array_path, mapping = plan.mask
+    mask = open_array(plan.run, path, array_path, "r")
+    msp = [d for d, a in enumerate(_mask_axes(plan.run, path)) if a in "zyx"]
+    sel = [slice(None)] * mask.ndim
+    for d, (off, step), l, h in zip(msp, mapping, lo, hi):
+        # Mask voxels overlapping the block's physical extent (voxel i spans i-0.5..i+0.5): conservative at edges.
+        a = math.floor(off + (l - 0.5) * step + 0.5)
+        b = math.ceil(off + (h - 0.5) * step - 0.5) + 1
+        sel[d] = slice(max(0, min(a, mask.shape[d] - 1)), max(1, min(b, mask.shape[d])))
+    return bool(np.any(mask[tuple(sel)]))
+
+
+
+@lru_cache(maxsize=16)
+def _mask_axes(run, path):
+    return tuple(ngff.read_info(path).axis_names)
