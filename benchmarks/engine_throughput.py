@@ -26,7 +26,7 @@ from volrestore.evaluation import benchmark
 from volrestore.blockwise import plan as planning
 from volrestore.blockwise import restore as engine
 from volrestore.io import ngff
-from volrestore.cluster.client import make_client
+from volrestore.cluster.client import connect
 
 
 def make_input(path, shape, chunks, dtype, fill, scale=1.0):
@@ -45,15 +45,11 @@ def run(src, out, workers, bare=False, **kw):
     """restore() on a fresh local cluster; with bare, also the bare restorer before and after it, on the worker."""
     if bare:
         plan, spec = planning.plan(src, kw["model"], tile=kw["tile"], overlap=kw["overlap"], batch=kw["batch"])
-    client = make_client("local", workers=workers)
-    try:
+    with connect("local", workers=workers, echo=lambda *_: None) as client:
         before = client.submit(benchmark.bare_pass, spec, plan, pure=False).result() if bare else None
         summary = engine.restore(src, out, cluster=client, overwrite=True, progress=False, echo=lambda *_: None, **kw)
         after = client.submit(benchmark.bare_pass, spec, plan, pure=False).result() if bare else None
         rss = client.run(benchmark._rss_mib)
-    finally:
-        client.close()
-        client.volrestore_cluster.close()
     return summary, max(rss.values()), (before, after), plan if bare else None
 
 

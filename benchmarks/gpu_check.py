@@ -17,11 +17,11 @@ import traceback
 from pathlib import Path
 
 from volrestore.evaluation import benchmark
-from volrestore.cluster.client import make_client
+from volrestore.cluster.client import connect
 
 # Sizes keep each run at seconds on an H100: tiny-3d 128³ = 27 tiles of 64³; paper-2d 2 x 512² = 18 tiles of 256²
 # (paper-2d costs 363 GFLOP per evaluation at 256², so K=8 x 20 steps is ~1 PFLOP per pass).
-PRESETS = {"tiny-3d": "128", "paper-2d": "2x512x512"}
+PRESETS = {"tiny-3d": (128, 128, 128), "paper-2d": (2, 512, 512)}
 # Most informative first (a run cut by the budget drops the last): eager K=1/K=8, then compiled, K=8 before K=1.
 CONFIGS = ([dict(preset=p, samples=k, compile=False) for p in PRESETS for k in (1, 8)]
            + [dict(preset=p, samples=k, compile=True) for k in (8, 1) for p in ("paper-2d", "tiny-3d")])
@@ -59,7 +59,7 @@ def main(argv=None):
     if args.quick:  # tiny volumes and tiles, 1 step: a CPU gets through in about a minute
         for c in plan:
             three_d = c["preset"] == "tiny-3d"
-            c.update(steps=1, size="16" if three_d else "1x16x16", tile=[16] * 3 if three_d else [1, 16, 16], overlap=4)
+            c.update(steps=1, size=(16, 16, 16) if three_d else (1, 16, 16), tile=[16] * 3 if three_d else [1, 16, 16], overlap=4)
     if args.dry_run:
         print(json.dumps(plan, indent=1))
         return 0
@@ -73,8 +73,7 @@ def main(argv=None):
         (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=float))
 
     # One cluster for every run: dask-cuda start-up is paid once; the workers cache one restorer per configuration.
-    client = make_client("cuda" if args.device == "cuda" else "local", workers=None if args.device == "cuda" else 1)
-    try:
+    with connect("cuda" if args.device == "cuda" else "local", workers=None if args.device == "cuda" else 1, echo=lambda *_: None) as client:
         for cfg in plan:
             if time.perf_counter() - t0 > args.budget:
                 summary["skipped"].append(cfg)
@@ -92,9 +91,6 @@ def main(argv=None):
                 print(f"FAILED {cfg}: {type(exc).__name__}: {exc}", flush=True)
             summary["runs"][-1]["run_s"] = round(time.perf_counter() - t_run, 1)
             save()
-    finally:
-        client.close()
-        client.volrestore_cluster.close()
     save()
     print(json.dumps(summary, default=float))
     return 1 if any("error" in r for r in summary["runs"]) else 0

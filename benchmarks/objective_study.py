@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from volrestore.config import TrainConfig
 from volrestore import train  # noqa: E402
 from volrestore.evaluation import metrics
 from volrestore.simulate import synthetic
@@ -40,7 +41,7 @@ def main():
         if (objective, schedule) not in models:
             path = Path(a.out) / f"{objective}-{schedule}.pt"
             t0 = time.perf_counter()
-            cfg = train.TrainConfig(preset="tiny-2d", objective=objective, schedule=schedule, iterations=a.iterations,
+            cfg = TrainConfig(preset="tiny-2d", objective=objective, schedule=schedule, iterations=a.iterations,
                                     warmup=20, lr=1e-2, checkpoint_every=a.iterations)
             train.train(sampler, path, cfg, sampler.fit_normalisation())
             models[objective, schedule] = path

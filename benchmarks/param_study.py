@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from volrestore.config import TrainConfig
 from volrestore.model import diffusion as dfn
 from volrestore.simulate import synthetic
+from volrestore.model import checkpoint
+from volrestore.model import patches
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 
@@ -44,18 +47,18 @@ def main():
     out = Path(a.out)
     deg = Degradation.parse("poisson:photons=10,read=1,seed=1")
     clean = synthetic.phantom((16, 256, 256), seed=1)
-    sampler = train.PatchSampler(clean, degrade=deg, patch=(32, 32), batch=8, seed=0, val_fraction=0.125)
+    sampler = patches.PatchSampler(clean, degrade=deg, patch=(32, 32), batch=8, seed=0, val_fraction=0.125)
     norm = sampler.fit_normalisation()
     test_clean = synthetic.phantom((4, 96, 96), seed=99)  # held out: never seen in training
     test_noisy = Degradation.parse("poisson:photons=10,read=1,seed=99")(test_clean, (0,), ref=sampler.ref)
     results = {"input": psnr(test_noisy, test_clean)}
     print(f"noisy input: {results['input']:.2f} dB")
     for objective in ("eps", "v", "regression"):
-        cfg = train.TrainConfig(preset="tiny-2d", objective=objective, iterations=a.iterations, lr=1e-3, warmup=50,
+        cfg = TrainConfig(preset="tiny-2d", objective=objective, iterations=a.iterations, lr=1e-3, warmup=50,
                                 checkpoint_every=a.iterations, seed=0)
         t0 = time.perf_counter()
         ck = train.train(sampler, out / f"{objective}.pt", cfg, norm)
-        net = train.model_from_checkpoint(ck)
+        net = checkpoint.model_from_checkpoint(ck)
         r = {"train_s": round(time.perf_counter() - t0, 1), "final_loss": ck["history"][-1]["loss"]}
         if objective == "regression":
             r["one_pass"] = psnr(restore(net, norm, test_noisy), test_clean)

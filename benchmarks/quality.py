@@ -1,7 +1,7 @@
 """Quality benchmark on real volumes: our models vs oracle Gaussian, BM4D+GAT, CARE and the default model, same crops.
 
     nice -n 10 python benchmarks/quality.py [--volumes rbc,cho,phantom] [--photons 3,10,30] [--iterations 2000]
-        [--preset small-2d] [--patch 96x96] [--methods raw,gaussian,bm4d,care,regression,ddpm,ancestral,default]
+        [--preset small-2d] [--patch 1 96 96] [--methods raw,gaussian,bm4d,care,regression,ddpm,ancestral,default]
         [--quick] [--out runs/quality] [--cluster local|cuda]
 
 Per volume, a training part and a disjoint evaluation crop are written as OME-Zarr (tifffile → `volrestore convert`);
@@ -338,7 +338,7 @@ def care(vol: dict, photons: list[float], noisy_paths: dict, args, py: Path) -> 
 def patch_for(vol: dict, args) -> str:
     """The preset's patch, shrunk to the training part (multiples of the net's size multiple)."""
     if args.patch:
-        return args.patch
+        return [int(v) for v in args.patch]
     from volrestore.model import nets
 
     cfg = nets.load_preset(args.preset)
@@ -347,7 +347,8 @@ def patch_for(vol: dict, args) -> str:
     dims = int(cfg["spatial_dims"])
     want = cfg.get("train", {}).get("patch") or ([16, 64, 64] if dims == 3 else [96, 96])
     extent = ngff.read_info(vol["train"]).levels[0].shape[-dims:]
-    return "x".join(str(max(m, min(w, e) // m * m)) for w, e in zip(want, extent))
+    patch = [max(m, min(w, e) // m * m) for w, e in zip(want, extent)]
+    return patch if dims == 3 else [1, *patch]
 
 
 def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
@@ -361,7 +362,7 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
         if out.exists() and meta.exists():
             return out, json.loads(meta.read_text())
         cmd = ["volrestore", "train", "--target", vol["train"], "--degrade", spec, "--preset", args.preset,
-               "--iterations", str(args.iterations), "--patch", patch, "--val-fraction", "0", "--out", out,
+               "--iterations", str(args.iterations), "--patch", *map(str, patch), "--val-fraction", "0", "--out", out,
                "--overwrite", "--cluster", args.cluster]
         if objective:
             cmd += ["--objective", objective]
@@ -650,7 +651,8 @@ def main() -> None:
     ap.add_argument("--photons", default=None, help=f"photon levels [3,10,30; quick {QUICK_PHOTONS}]")
     ap.add_argument("--iterations", type=int, default=None, help="training steps of ours and CARE [2000; quick 20]")
     ap.add_argument("--preset", default=None, help=f"our network preset [{DEFAULT_PRESET}; quick {QUICK_PRESET}]")
-    ap.add_argument("--patch", default=None, help="training patch of ours, e.g. 96x96 [the preset's, fitted]")
+    ap.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
+                    help="training patch of ours, e.g. 1 96 96 [the preset's, fitted]")
     ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny crops, one photon level, 20 iterations, K=2, "
                     "CARE only if its venv exists")

@@ -25,6 +25,7 @@ import train_default_model as tdm  # same folder: the data and training routine 
 from volrestore.model import diffusion as dfn
 from volrestore.evaluation import metrics
 from volrestore.simulate import synthetic
+from volrestore.model import checkpoint
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 
@@ -95,10 +96,10 @@ def main():
     if not Path(a.regression).is_file():
         print(f"training the regression baseline into {a.regression} (same data and iterations as the model)")
         tdm.train_model(a.regression, "regression", threads=a.threads, log=lambda m: print(m, flush=True))
-    ck = train.load_checkpoint(a.model)
-    net, norm = train.model_from_checkpoint(ck), train.Normalisation.from_dict(ck["normalisation"])
-    rck = train.load_checkpoint(a.regression)
-    reg, rnorm = train.model_from_checkpoint(rck), train.Normalisation.from_dict(rck["normalisation"])
+    ck = checkpoint.load_checkpoint(a.model)
+    net, norm = checkpoint.model_from_checkpoint(ck), checkpoint.Normalisation.from_dict(ck["normalisation"])
+    rck = checkpoint.load_checkpoint(a.regression)
+    reg, rnorm = checkpoint.model_from_checkpoint(rck), checkpoint.Normalisation.from_dict(rck["normalisation"])
     shape = tuple(int(v) for v in a.shape.split("x"))
 
     per_volume, t0 = [], time.perf_counter()

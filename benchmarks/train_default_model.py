@@ -25,8 +25,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from volrestore.config import TrainConfig
 from volrestore.model import nets
 from volrestore.simulate import synthetic
+from volrestore.model import checkpoint
+from volrestore.model import patches
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 
@@ -57,7 +60,7 @@ class Source:
         self.lo, self.hi = reference_units(clean)
         deg = Degradation(photons=PHOTONS[0], photons_max=PHOTONS[1], read=READ[0], read_max=READ[1], seed=seed)
         z_context = nets.z_context(nets.load_preset(PRESET))
-        self.sampler = train.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=seed,
+        self.sampler = patches.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=seed,
                                           val_fraction=val_fraction, z_context=z_context,
                                           ref=float(np.percentile(clean, 99.9)))
 
@@ -91,12 +94,12 @@ class MixedBatches:
             pairs.append(pool[int(rng.integers(len(pool)))](iteration * BATCH + b))
         return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
-    def normalisation(self) -> train.Normalisation:
+    def normalisation(self) -> checkpoint.Normalisation:
         # Reference units (0 = background, 1 = bright) map to -1 / +1 for input and target alike, so the restorer's
         # image normalisation (median, smoothed p99.9 -> the target's 0 / 1) lands exactly on the training scale.
         # The clamp for x0 covers the targets actually seen (puncta above the 99.9th percentile must survive).
         targets = np.concatenate([self(10**9 + i)[1].ravel() for i in range(64)])
-        norm = train.Normalisation((0.0, 1.0), (0.0, 1.0))
+        norm = checkpoint.Normalisation((0.0, 1.0), (0.0, 1.0))
         t = norm.target_to_unit(np.array([targets.min(), targets.max()]))
         norm.clip = (min(-1.0, float(t[0])), max(1.0, float(t[1]) + 0.5))
         return norm
@@ -111,7 +114,7 @@ def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = I
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = MixedBatches(data_dir)
-    cfg = train.TrainConfig(preset=PRESET, objective=objective, iterations=iterations, lr=LR, warmup=WARMUP,
+    cfg = TrainConfig(preset=PRESET, objective=objective, iterations=iterations, lr=LR, warmup=WARMUP,
                             ema_decay=EMA, checkpoint_every=250, seed=0)
     provenance = {"data": {"phantoms": list(TRAIN_SEEDS), "phantom_shape": list(PHANTOM_SHAPE),
                            "real": {k: str(v) for k, v in REAL.items()}, "real_share": REAL_SHARE,
@@ -136,14 +139,14 @@ def finish(out, seconds: float, log=print) -> dict:
     """Ship a checkpoint: drop the optimizer state (not part of the model or its hash), store the EMA weights (the
     ones restoring uses) as the model weights too (torch.save writes shared tensors once: half the file; continuing
     training from a shipped model starts from its EMA), and record the training time."""
-    ck = train.load_checkpoint(out)
+    ck = checkpoint.load_checkpoint(out)
     history = ck.get("history") or [{}]
     if not seconds and history[-1].get("it_per_s"):  # shipping an interrupted run: estimate from its own log
         seconds = ck["iteration"] / history[-1]["it_per_s"]
     ck["provenance"]["train_seconds"] = round(seconds)
     ck.pop("optimizer", None)
     ck["model"] = ck["ema"]
-    ck = train.save_checkpoint(out, ck)
+    ck = checkpoint.save_checkpoint(out, ck)
     log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), iteration {ck['iteration']}, hash {ck['hash'][:12]}")
     return ck
 

@@ -6,9 +6,7 @@ import pytest
 @pytest.fixture(scope="module")
 def cluster():
     """Two local worker processes (one torch thread each), shared by a module's tests (passed as a Client)."""
-    from volrestore.cluster.client import make_client
+    from volrestore.cluster.client import connect
 
-    client = make_client("local", workers=2)
-    yield client
-    client.close()
-    client.volrestore_cluster.close()
+    with connect("local", workers=2, echo=lambda *_: None) as client:
+        yield client

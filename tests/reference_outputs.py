@@ -99,7 +99,7 @@ def run_cases(workdir) -> dict:
     out["restore_randcnn_std"] = image_hashes(d / "rand.std.ome.zarr")
 
     model = d / "tiny.pt"
-    _cli("train", "--target", src, "--degrade", DEGRADE, "--preset", "tiny-2.5d", "--patch", "16x16", "--batch", 2,
+    _cli("train", "--target", src, "--degrade", DEGRADE, "--preset", "tiny-2.5d", "--patch", 1, 16, 16, "--batch", 2,
          "--iterations", 6, "--checkpoint-every", 3, "--val-fraction", 0.34, "--out", model, *one)
     ck = torch.load(model, map_location="cpu", weights_only=True)
     out["train_tiny_2.5d_weights"] = {

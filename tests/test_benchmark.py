@@ -10,7 +10,7 @@ from volrestore.evaluation import benchmark
 
 
 def test_benchmark_json_fields_are_complete_and_consistent():
-    result = cli("benchmark", "--preset", "tiny-3d", "--size", 16, "--tile", 16, "--tile", 16, "--tile", 16,
+    result = cli("benchmark", "--preset", "tiny-3d", "--size", 16, 16, 16, "--tile", 16, 16, 16,
                  "--overlap", 4, "--batch", 3, "--steps", 2, "--samples", 2, "--json")
     assert result.exit_code == 0, (result.output, result.exception)
     r = json.loads(result.stdout)
@@ -41,12 +41,12 @@ def test_known_gpu_peaks_and_size_parsing():
     assert benchmark.peak_bf16("NVIDIA H200") == 989e12
     assert benchmark.peak_bf16("NVIDIA A100-SXM4-80GB") == 312e12
     assert benchmark.peak_bf16("NVIDIA GeForce RTX 4090") is None
-    assert benchmark.parse_size("8x32x48", 64) == (8, 32, 48) and benchmark.parse_size(None, 64) == (64, 64, 64)
+    assert benchmark.parse_size((8, 32, 48), 64) == (8, 32, 48) and benchmark.parse_size(None, 64) == (64, 64, 64)
 
 
 @pytest.mark.parametrize("args, contains", [
-    (["--size", "0"], "--size must be N"),
-    (["--size", "8x8"], "--size must be N"),
+    (["--size", 0, 8, 8], "--size needs three positive whole numbers"),
+    (["--size", "8x8"], "'--size'"),
     (["--preset", "nope"], "unknown preset"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--size", "x"], ""),
 ])

@@ -7,8 +7,9 @@ from click.testing import CliRunner
 
 from volrestore import demo
 from volrestore.io import ngff
-from volrestore.model import restorers
-from volrestore.model import train
+from volrestore.config import ModelRef
+from volrestore.model import registry
+from volrestore.model import checkpoint
 from volrestore.cli import main
 from volrestore.model.diffusion_restorer import default_model_path
 
@@ -18,11 +19,11 @@ MIN_GAIN_DB = 2.0  # measured on this configuration: see src/volrestore/models/R
 def test_default_model_is_shipped_and_resolves():
     path = default_model_path()
     assert path.is_file() and path.stat().st_size < 20e6  # the package's limit for shipped weights
-    spec = restorers.resolve("default", samples=2, std=True)
+    spec = registry.resolve(ModelRef.parse("default", samples=2, std=True))
     # a 2.5D model: a 2D net that sees 2 neighbouring z-slices on each side
     assert spec.name == str(path) and spec.spatial_dims == 2 and spec.z_context == 2
     assert spec.outputs == ("mean", "std")
-    data = train.load_checkpoint(path)["provenance"]["data"]
+    data = checkpoint.load_checkpoint(path)["provenance"]["data"]
     assert demo.SEED not in data["phantoms"]  # the demo shows a phantom the model never saw
     assert data["held_out_real"] == "Fluo-N3DH-CHO_02_img.tif"
 
@@ -30,7 +31,7 @@ def test_default_model_is_shipped_and_resolves():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(main, ["demo", str(out), "--size", "16x32x32", "--samples", "2", "--steps", "4",
+    result = CliRunner().invoke(main, ["demo", str(out), "--size", "16", "32", "32", "--samples", "2", "--steps", "4",
                                        "--threads", "1"])
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -59,7 +60,7 @@ def test_restore_with_default_model(demo_run, tmp_path):
                                        "--tile", "1", "48", "48", "--overlap", "8"])
     assert result.exit_code == 0, result.output
     info = ngff.read_info(restored)
-    assert info.complete and info.provenance["parameters"]["model"] == str(default_model_path())
+    assert info.complete and info.provenance["parameters"]["model"]["name"] == str(default_model_path())
     assert ngff.read_info(tmp_path / "r.std.ome.zarr").complete
 
 
@@ -80,6 +81,6 @@ def test_default_model_adapts_to_the_image_intensity_units(demo_run, tmp_path):
                                            "--workers", "1"])
         assert result.exit_code == 0, result.output
         results[name] = ngff.open_level(dst)[...].astype(np.float64)
-        params = ngff.read_info(dst).provenance["parameters"]
+        params = ngff.read_info(dst).provenance["parameters"]["model"]["options"]
         assert params["normalise"] == "image" and len(params["input_range"]) == 2
     assert np.allclose(results["scaled"], results["native"] * 700 + 100, rtol=1e-4, atol=1e-2)

@@ -10,10 +10,12 @@ import threading
 import time
 
 import numpy as np
+import testing_restorers
 import pytest
 from _io_helpers import assert_user_error, cli
 
-from volrestore.io import ngff, pyramid
+from volrestore import write_image
+from volrestore.io import ngff
 from volrestore.blockwise.blocks import PROGRESS_DIR
 from volrestore.blockwise.restore import restore, std_path
 
@@ -26,11 +28,7 @@ def addr(cluster):
 
 
 def make_image(path, data, chunks, axes="zyx", scale=None, translation=None, n_levels=2):
-    ngff.create_image(path, shape=data.shape, dtype=data.dtype, axes=list(axes), chunks=chunks, n_levels=n_levels,
-                      scale=scale or [1.0] * data.ndim, translation=translation)
-    ngff.open_level(path, 0, mode="r+")[...] = data
-    pyramid.build_pyramid(path)
-    ngff.set_complete(path)
+    write_image(path, data, axes=axes, chunks=chunks, n_levels=n_levels, scale=scale, translation=translation)
     return str(path)
 
 
@@ -69,7 +67,7 @@ def test_identity_reproduces_input_and_keeps_metadata(addr, tmp_path):
     info, ref = ngff.read_info(out), ngff.read_info(src)
     assert info.complete and info.axes == ref.axes and info.levels[0].scale == ref.levels[0].scale
     assert info.levels[0].translation == ref.levels[0].translation
-    assert info.provenance["parameters"]["model"] == "identity"
+    assert info.provenance["parameters"]["model"] == {"name": "identity", "options": {"dims": 3}}
     assert not (out / PROGRESS_DIR).exists()
 
 
@@ -171,36 +169,36 @@ def test_kill_process_group_and_resume_is_bitwise(addr, volume, tmp_path):
     run(addr, a, ref, "--model", "randcnn", *args)
     out = tmp_path / "killed.ome.zarr"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from volrestore.cli import main; main()", "restore", a, str(out), "--model", "randcnn:sleep=0.3",
-         "--workers", "2", *args], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [sys.executable, "-c", "import testing_restorers; from volrestore.cli import main; main()", "restore", a, str(out), "--model", "test-randcnn:sleep=0.3",
+         "--workers", "2", *args], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])})
     try:
         _wait_for_markers(out, 4, proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert ngff.read_info(out).complete is False
-    result = run(addr, a, out, "--model", "randcnn", *args, "--resume")  # sleep is volatile: same result
+    result = run(addr, a, out, "--model", "test-randcnn", *args, "--resume")  # sleep is an extra: same result
     skipped = int(result.output.split("resuming")[1].split(":")[1].split()[0])
     assert 4 <= skipped < 45, result.output
     assert ngff.read_info(out).complete
     assert bitwise(read(out), read(ref)) and bitwise(read(out, 1), read(ref, 1))
-    assert "already complete" in run(addr, a, out, "--model", "randcnn", *args, "--resume").output
+    assert "already complete" in run(addr, a, out, "--model", "test-randcnn", *args, "--resume").output
 
 
 def test_worker_sigkill_mid_run_completes_identically(volume, tmp_path):
-    from volrestore.cluster.client import make_client
+    from volrestore.cluster.client import connect
 
     _, a, _ = volume
     kw = dict(model="randcnn", tile=[16, 16, 16], overlap=4, chunks=[4, 16, 16], block=[4, 16, 16], progress=False)
-    client = make_client("local", workers=2)
-    try:
+    with connect("local", workers=2, echo=lambda *_: None) as client:
         restore(a, tmp_path / "ref.ome.zarr", cluster=client, **kw)
         out = tmp_path / "out.ome.zarr"
         errors = []
 
         def go():
             try:
-                restore(a, out, cluster=client, sleep=0.2, **kw)
+                restore(a, out, cluster=client, **{**kw, "model": "test-randcnn:sleep=0.2"})
             except Exception as exc:  # noqa: BLE001 - reported by the assertion below
                 errors.append(exc)
 
@@ -212,9 +210,6 @@ def test_worker_sigkill_mid_run_completes_identically(volume, tmp_path):
         thread.join(timeout=180)
         assert not thread.is_alive() and not errors, errors
         assert bitwise(read(out), read(tmp_path / "ref.ome.zarr"))
-    finally:
-        client.close()
-        client.volrestore_cluster.close()
 
 
 def test_failing_block_stops_the_run_naming_it(addr, tmp_path):
@@ -288,7 +283,7 @@ def test_gpu_out_of_memory_halves_the_batch_and_matches_a_normal_run(addr, volum
     args = [*TILE, "--batch", 4, "--block", 8, 16, 16]
     run(addr, a, tmp_path / "ref.ome.zarr", "--model", "gaussian", *args)
     # oom_at=3: calls of 3 or more tiles raise torch.cuda.OutOfMemoryError, so 4 -> 2 (batches stay exactly 2 tiles).
-    result = run(addr, a, tmp_path / "oom.ome.zarr", "--model", "gaussian:oom_at=3", *args)
+    result = run(addr, a, tmp_path / "oom.ome.zarr", "--model", "test-gaussian:oom_at=3", *args)
     assert "batch 2 (from 4: GPU out of memory)" in result.output, result.output
     assert bitwise(read(tmp_path / "oom.ome.zarr"), read(tmp_path / "ref.ome.zarr"))
     assert ngff.read_info(tmp_path / "oom.ome.zarr").provenance["summary"]["batch"] == 2
@@ -297,7 +292,7 @@ def test_gpu_out_of_memory_halves_the_batch_and_matches_a_normal_run(addr, volum
 def test_gpu_out_of_memory_at_batch_1_fails_naming_the_block(addr, volume, tmp_path):
     _, a, _ = volume
     msg = assert_user_error(cli("restore", a, tmp_path / "o.ome.zarr", "--cluster", addr, "--model",
-                                "identity:oom_at=1", *TILE, "--batch", 2, "--block", 8, 16, 16))
+                                "test-identity:oom_at=1", *TILE, "--batch", 2, "--block", 8, 16, 16))
     assert re.search(r"block \(\d, \d, \d\) failed .*GPU out of memory on block \(\d, \d, \d\) even with batch 1", msg)
 
 
@@ -305,10 +300,8 @@ def test_gpu_worker_overlaps_blocks_but_runs_one_model_call_at_a_time(volume, tm
     """A GPU worker (resource GPU=1, 2 threads) runs two block tasks at once, yet its model calls never overlap."""
     from distributed import Client, LocalCluster, get_worker
 
-    from volrestore.model import restorers
-
     _, a, _ = volume
-    calls, lock, hooks = [], threading.Lock(), restorers._test_hooks
+    calls, lock, hooks = [], threading.Lock(), testing_restorers.hooks
 
     def timed(*args):  # each model call: its time span and how many block tasks the worker was running meanwhile
         t0 = time.perf_counter()
@@ -316,13 +309,13 @@ def test_gpu_worker_overlaps_blocks_but_runs_one_model_call_at_a_time(volume, tm
         with lock:
             calls.append((t0, time.perf_counter(), len(get_worker().state.executing)))
 
-    monkeypatch.setattr(restorers, "_test_hooks", timed)
+    monkeypatch.setattr(testing_restorers, "hooks", timed)
     cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, resources={"GPU": 1},
                            dashboard_address=":0")  # threads in this process: the patch applies in the worker
     try:
         with Client(cluster) as client:
             out = tmp_path / "o.ome.zarr"
-            restore(a, out, model="identity:sleep=0.05", tile=[16, 16, 16], overlap=4, block=[8, 16, 16],
+            restore(a, out, model="test-identity:sleep=0.05", tile=[16, 16, 16], overlap=4, block=[8, 16, 16],
                     cluster=client, progress=False, echo=lambda *_: None)
     finally:
         cluster.close()

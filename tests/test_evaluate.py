@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+
+import volrestore
 import pytest
 from click.testing import CliRunner
 
@@ -13,12 +15,7 @@ from volrestore.cli import main
 
 
 def write_image(path, data, axes="zyx", scale=None, chunks=None):
-    ngff.create_image(
-        path, shape=data.shape, dtype=data.dtype, axes=list(axes), scale=scale or [1.0] * data.ndim,
-        chunks=chunks or data.shape,
-    )
-    ngff.open_level(path, 0, mode="r+")[...] = data
-    ngff.set_complete(path)
+    volrestore.write_image(path, data, axes=axes, scale=scale, chunks=chunks or data.shape)
     return path
 
 

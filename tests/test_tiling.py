@@ -7,10 +7,14 @@ import torch
 from _io_helpers import assert_user_error, cli
 from scipy import ndimage
 
+from volrestore.config import TrainConfig
 from volrestore.evaluation import metrics
+from volrestore import write_image
 from volrestore.io import ngff
 from volrestore.model import noise
 from volrestore.simulate import synthetic
+from volrestore.model import checkpoint
+from volrestore.model import patches
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 
@@ -19,10 +23,7 @@ DEG = "poisson:photons=10,read=1"
 
 
 def write(path, data):
-    ngff.create_image(path, shape=data.shape, dtype="float32", axes=list("zyx"), scale=[1.0] * 3,
-                      chunks=(4, 64, 64))
-    ngff.open_level(path, 0, mode="r+")[...] = data
-    ngff.set_complete(path)
+    write_image(path, np.asarray(data, np.float32), chunks=(4, 64, 64))
     return str(path)
 
 
@@ -30,11 +31,11 @@ def write(path, data):
 def models(tmp_path_factory):
     """tiny-2.5d models (edm and regression) trained briefly on one phantom: enough to be far from identity."""
     d = tmp_path_factory.mktemp("models")
-    sampler = train.PatchSampler(synthetic.phantom((12, 128, 128), seed=3), degrade=Degradation.parse(DEG + ",seed=1"),
+    sampler = patches.PatchSampler(synthetic.phantom((12, 128, 128), seed=3), degrade=Degradation.parse(DEG + ",seed=1"),
                                  patch=(32, 32), batch=8, seed=0, z_context=2, val_fraction=0)
     out = {}
     for objective, iterations in (("edm", 300), ("regression", 150)):
-        cfg = train.TrainConfig(preset="tiny-2.5d", objective=objective, iterations=iterations, warmup=20, lr=1e-2,
+        cfg = TrainConfig(preset="tiny-2.5d", objective=objective, iterations=iterations, warmup=20, lr=1e-2,
                                 checkpoint_every=iterations)
         train.train(sampler, d / f"{objective}.pt", cfg, sampler.fit_normalisation())
         out[objective] = d / f"{objective}.pt"
@@ -98,7 +99,7 @@ def test_noise_is_one_global_field_across_overlapping_boxes():
 def test_old_format_checkpoint_is_refused_with_one_line(held_out, tmp_path):
     _, _, src = held_out
     old = tmp_path / "old.pt"
-    torch.save({"format": train.FORMAT, "format_version": 1, "preset": {"norm_num_groups": 8}}, old)
+    torch.save({"format": checkpoint.FORMAT, "format_version": 1, "preset": {"norm_num_groups": 8}}, old)
     out = tmp_path / "out.ome.zarr"
     line = assert_user_error(cli("restore", src, out, "--model", old), out)
     assert "format-1" in line and "retrain" in line and "0.1" in line

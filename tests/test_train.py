@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from volrestore.config import ModelRef, TrainConfig
 from volrestore.simulate import synthetic
+from volrestore.model import checkpoint
+from volrestore.model import patches
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 from volrestore.model.diffusion_restorer import DiffusionRestorer, resolve
@@ -20,12 +23,12 @@ def psnr(x, ref):
 
 
 def make_sampler(shape=(4, 96, 64), patch=(32, 32), batch=4, seed=0):
-    return train.PatchSampler(synthetic.phantom(shape, seed=1), degrade=DEG, patch=patch, batch=batch, seed=seed,
+    return patches.PatchSampler(synthetic.phantom(shape, seed=1), degrade=DEG, patch=patch, batch=batch, seed=seed,
                               val_fraction=0.34)
 
 
 def run(path, sampler, iterations, resume=False, **kw):
-    cfg = train.TrainConfig(**{"preset": "tiny-2d", "iterations": iterations, "warmup": 5, "checkpoint_every": 3,
+    cfg = TrainConfig(**{"preset": "tiny-2d", "iterations": iterations, "warmup": 5, "checkpoint_every": 3,
                                "lr": 2e-3, **kw})
     return train.train(sampler, path, cfg, sampler.fit_normalisation(), resume=resume)
 
@@ -35,7 +38,7 @@ def trained(tmp_path_factory):
     """tiny-2d trained briefly on a synthetic pair: enough to beat the noisy input, not to be good."""
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     sampler = make_sampler(shape=(8, 128, 96), patch=(32, 32), batch=8)
-    cfg = train.TrainConfig(preset="tiny-2d", iterations=300, warmup=20, lr=1e-2, checkpoint_every=300)
+    cfg = TrainConfig(preset="tiny-2d", iterations=300, warmup=20, lr=1e-2, checkpoint_every=300)
     ck = train.train(sampler, path, cfg, sampler.fit_normalisation(), val=sampler.validation(4))
     return path, ck, sampler
 
@@ -44,7 +47,7 @@ def trained(tmp_path_factory):
 def test_training_loss_falls(tmp_path, preset, patch):
     sampler = make_sampler(shape=(16, 96, 64), patch=patch)
     losses = []
-    cfg = train.TrainConfig(preset=preset, iterations=80, warmup=5, lr=2e-3, checkpoint_every=80)
+    cfg = TrainConfig(preset=preset, iterations=80, warmup=5, lr=2e-3, checkpoint_every=80)
     train.train(sampler, tmp_path / "m.pt", cfg, sampler.fit_normalisation(), log=lambda r: losses.append(r["loss"]))
     assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])
 
@@ -64,7 +67,7 @@ def test_resume_continues_identically(tmp_path):
 
 def test_checkpoint_roundtrip_and_validation(tmp_path, trained):
     path, ck, _ = trained
-    loaded = train.load_checkpoint(path)
+    loaded = checkpoint.load_checkpoint(path)
     assert loaded["hash"] == ck["hash"] and loaded["iteration"] == 300
     assert {"preset", "objective", "schedule", "normalisation", "provenance", "optimizer", "ema"} <= set(loaded)
     assert "val_psnr" in loaded["history"][-1]
@@ -76,7 +79,7 @@ def test_checkpoint_roundtrip_and_validation(tmp_path, trained):
     for name, msg in [("junk.pt", "not a volrestore model"), ("other.pt", "not a volrestore model"),
                       ("tampered.pt", "corrupt"), ("missing.pt", "not found")]:
         with pytest.raises(UserError, match=msg):
-            train.load_checkpoint(tmp_path / name)
+            checkpoint.load_checkpoint(tmp_path / name)
 
 
 def test_restorer_beats_input_avg_helps_deterministic_batch_independent(trained):
@@ -100,12 +103,12 @@ def test_restorer_beats_input_avg_helps_deterministic_batch_independent(trained)
 
 def test_restorer_options_validated(trained):
     path = str(trained[0])
-    spec = resolve(path, samples=4, std=True)
+    spec = resolve(ModelRef(name=path, options={"samples": 4, "std": True}))
     assert spec.spatial_dims == 2 and spec.size_multiple == 4 and spec.outputs == ("mean", "std")
     for opts, msg in [({"std": True}, "samples >= 2"), ({"sampler": "euler"}, "unknown sampler"),
                       ({"steps": 0}, "whole numbers"), ({"tile": 3}, "does not take")]:
         with pytest.raises(UserError, match=msg):
-            resolve(path, **opts)
+            resolve(ModelRef(name=path, options=opts))
 
 
 def test_regression_objective_one_pass(tmp_path):
@@ -132,7 +135,7 @@ def test_patch_sampler_reads_only_patches_and_never_validation(tmp_path):
 
     np.save(tmp_path / "psf.npy", np.ones((3, 5, 5)))  # 3D PSF: 2D patches need z and y/x context
     vol = Recording(synthetic.phantom((6, 96, 64), seed=2))
-    s = train.PatchSampler(vol, degrade=Degradation(photons=10, blur=str(tmp_path / "psf.npy")), patch=(32, 32),
+    s = patches.PatchSampler(vol, degrade=Degradation(photons=10, blur=str(tmp_path / "psf.npy")), patch=(32, 32),
                            batch=4, val_fraction=0.34)
     vol.reads.clear()
     for it in range(20):

@@ -10,22 +10,20 @@ import torch
 from _io_helpers import assert_user_error, cli
 
 from volrestore.model import catalog
+from volrestore import write_image
 from volrestore.io import ngff
 from volrestore.simulate import synthetic
-from volrestore.model.train import load_checkpoint
+from volrestore.model.checkpoint import load_checkpoint
 from volrestore.model.trainjob import partial_path, train_image
 
 torch.set_num_threads(1)
 DEGRADE = "poisson:photons=10,read=1,seed=1"
-# tiny-2d, 16x16 patches; the last third of y is the validation region.
-SHORT = ["--preset", "tiny-2d", "--patch", "16x16", "--batch", "2", "--val-fraction", "0.34", "--workers", "1"]
+# tiny-2d, 16 x 16 patches; the last third of y is the validation region.
+SHORT = ["--preset", "tiny-2d", "--patch", 1, 16, 16, "--batch", "2", "--val-fraction", "0.34", "--workers", "1"]
 
 
 def make_image(path, data, axes="zyx", scale=None):
-    ngff.create_image(path, shape=data.shape, dtype=data.dtype, axes=list(axes), chunks=(2, 16, 16)[-data.ndim:],
-                      scale=scale or [1.0] * data.ndim)
-    ngff.open_level(path, 0, mode="r+")[...] = data
-    ngff.set_complete(path)
+    write_image(path, data, axes=axes, chunks=(2, 16, 16)[-data.ndim:], scale=scale)
     return str(path)
 
 
@@ -82,7 +80,7 @@ def test_train_cli_then_restore_then_resume(images, cluster, tmp_path):
     resumed = load_checkpoint(out)
     assert resumed["iteration"] == 6 and [r["iteration"] for r in resumed["history"]] == [2, 4, 6]
     assert_user_error(cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 6,
-                          "--patch", "8x8", "--out", out, "--resume"), contains="different patch")
+                          "--patch", 1, 8, 8, "--out", out, "--resume"), contains="different patch")
 
 
 def test_paired_training_records_both_images(images, cluster, tmp_path):
@@ -96,13 +94,13 @@ def test_paired_training_records_both_images(images, cluster, tmp_path):
 @pytest.mark.parametrize("case,contains", [
     (["--input", "{other_voxel}"], "voxel size"),
     (["--input", "{small}"], "differ"),
-    (["--degrade", DEGRADE, "--patch", "64x64"], "does not fit into the volume"),
+    (["--degrade", DEGRADE, "--patch", 1, 64, 64], "does not fit into the volume"),
     (["--degrade", DEGRADE, "--preset", "tiny-3d", "--target", "{flat}"], "is 3D but"),
     (["--degrade", DEGRADE, "--preset", "paper-3d"], "unknown preset"),
     (["--degrade", "gauss:sigma=2"], "cannot parse degradation"),
     (["--degrade", DEGRADE, "--input", "{noisy}"], "not both"),
-    (["--degrade", DEGRADE, "--patch", "8x8x8"], "does not fit preset"),
-    (["--degrade", DEGRADE, "--patch", "big"], "cannot parse --patch"),
+    (["--degrade", DEGRADE, "--patch", 8, 8, 8], "does not fit preset"),
+    (["--degrade", DEGRADE, "--patch", "big", 8, 8], "'--patch'"),
     (["--degrade", DEGRADE, "--target", "{missing}"], "does not exist"),
     (["--degrade", DEGRADE, "--gpus", "0"], "--workers/--gpus must be"),
 ])

@@ -49,10 +49,10 @@ EXPECTED_VOXEL = (0.3, 0.145, 0.145)
 # differ from those over a training patch when the sizes differ, which shifts the output (measured here: a regression
 # model restored with 40 x 104 x 112 tiles was 13.7 dB against 27.4 dB with 8 x 32 x 32 tiles).
 FULL = dict(train=(slice(0, 96), slice(None), slice(None)), eval=(slice(112, 144), slice(16, 112), slice(0, 104)),
-            iterations=300, patch="8x32x32", batch=4, samples=4, steps=6, val_fraction=0.3,
+            iterations=300, patch=(8, 32, 32), batch=4, samples=4, steps=6, val_fraction=0.3,
             tile=(8, 32, 32), overlap=4)
 QUICK = dict(train=(slice(0, 48), slice(None), slice(None)), eval=(slice(112, 124), slice(40, 104), slice(100, 196)),
-             iterations=150, patch="8x32x32", batch=2, samples=2, steps=4, val_fraction=0.3,
+             iterations=150, patch=(8, 32, 32), batch=2, samples=2, steps=4, val_fraction=0.3,
              tile=(8, 32, 32), overlap=4)
 # Photons at the clean stack's 99.9th percentile (bright membrane ~ 1900 counts) plus Gaussian read noise (photons).
 BUDGETS = {"p20": "poisson:photons=20,read=1", "p5": "poisson:photons=5,read=1"}
@@ -162,9 +162,12 @@ def main(argv=None) -> dict:
     step("fetch_convert")
 
     # 2. One shared local Dask cluster for every command (starting one per command costs ~10 s each).
-    from volrestore.cluster.client import make_client
+    from contextlib import ExitStack
 
-    client = make_client("local", workers=a.workers)
+    from volrestore.cluster.client import connect
+
+    cluster_scope = ExitStack()  # closes the client and its local cluster at the end
+    client = cluster_scope.enter_context(connect("local", workers=a.workers, echo=lambda *_: None))
     address = client.scheduler.address
     log(f"local Dask cluster: {a.workers} worker processes, 1 thread each, at {address}")
     results = {"quick": a.quick, "config": {k: (str(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
@@ -221,8 +224,7 @@ def main(argv=None) -> dict:
                 "train_history_last": {o: last_history(m) for o, m in models.items()},
             }
     finally:
-        client.close()
-        client.volrestore_cluster.close()
+        cluster_scope.close()
     times["total"] = round(time.perf_counter() - t_start, 1)
     results["seconds"] = times
     (figs / "results.json").write_text(json.dumps(results, indent=1))
@@ -236,7 +238,7 @@ def train_all(spec, target, models: dict, cfg: dict) -> None:
     procs = []
     for objective, ck in models.items():
         args = ["train", "--target", target, "--degrade", f"{spec},seed=1", "--preset", PRESET,
-                "--objective", objective, "--iterations", cfg["iterations"], "--patch", cfg["patch"],
+                "--objective", objective, "--iterations", cfg["iterations"], "--patch", *cfg["patch"],
                 "--batch", cfg["batch"], "--val-fraction", cfg["val_fraction"],
                 "--checkpoint-every", max(cfg["iterations"] // 5, 1), "--out", ck, "--overwrite", "--workers", 1]
         args = [str(x) for x in args]
@@ -250,7 +252,7 @@ def train_all(spec, target, models: dict, cfg: dict) -> None:
 
 
 def last_history(path: Path) -> dict:
-    from volrestore.model.train import load_checkpoint
+    from volrestore.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path)
     h = ck["history"]

@@ -48,9 +48,9 @@ PRESET = "tiny-2d"  # plane by plane: the yeast (z 0.25 um, xy 0.066 um) and the
 # *statistics* of the yeast are used, never its content.
 # (t, z, y, x) region restored. Tiles = the training patch (one plane x 32 x 32), overlap 4: the tiny presets use
 # GroupNorm, whose statistics over a larger tile differ from those over a training patch and shift the output.
-FULL = dict(region=(slice(0, 4), slice(None), slice(48, 144), slice(60, 220)), iterations=300, patch="32x32",
+FULL = dict(region=(slice(0, 4), slice(None), slice(48, 144), slice(60, 220)), iterations=300, patch=(1, 32, 32),
             batch=8, samples=2, steps=6, tile=(1, 32, 32), overlap=4)
-QUICK = dict(region=(slice(0, 3), slice(4, 12), slice(64, 128), slice(100, 196)), iterations=150, patch="32x32",
+QUICK = dict(region=(slice(0, 3), slice(4, 12), slice(64, 128), slice(100, 196)), iterations=150, patch=(1, 32, 32),
              batch=8, samples=2, steps=4, tile=(1, 32, 32), overlap=4)
 
 
@@ -215,22 +215,25 @@ def main(argv=None) -> dict:
     train_degrade = f"poisson:photons={noise['photons_at_p99.9']:.0f},read={noise['read_photons']:.1f}"
     step("fetch_convert")
 
-    from volrestore.cluster.client import make_client
+    from contextlib import ExitStack
 
-    client = make_client("local", workers=a.workers)
+    from volrestore.cluster.client import connect
+
+    cluster_scope = ExitStack()  # closes the client and its local cluster at the end
+    client = cluster_scope.enter_context(connect("local", workers=a.workers, echo=lambda *_: None))
     address = client.scheduler.address
     log(f"local Dask cluster: {a.workers} worker processes, 1 thread each, at {address}")
     try:
         model = work / f"{PRESET}-rbc.pt"
         vr("train", "--target", rbc, "--degrade", f"{train_degrade},seed=1", "--preset", PRESET,
-           "--iterations", cfg["iterations"], "--patch", cfg["patch"], "--batch", cfg["batch"],
+           "--iterations", cfg["iterations"], "--patch", *cfg["patch"], "--batch", cfg["batch"],
            "--val-fraction", 0.3, "--checkpoint-every", max(cfg["iterations"] // 5, 1), "--out", model, "--overwrite", "--cluster", address)
         step("train")
         # A model maps intensities with the fixed percentiles of its *training* input (RBC counts, 0.1-99.9 %), so
         # another sample must first be brought to that range: a linear map of the yeast's own 0.1/99.9 percentiles
         # onto the training input's, undone on the output (degrade-made pairs share intensity units, so the same
         # map inverts the output). Without it the model sees the whole yeast frame as near-black background.
-        from volrestore.model.train import load_checkpoint
+        from volrestore.model.checkpoint import load_checkpoint
 
         lo_t, hi_t = load_checkpoint(model)["normalisation"]["input"]
         lo_y, hi_y = np.percentile(np.asarray(ngff.open_level(raw, 0)), (0.1, 99.9))
@@ -249,8 +252,7 @@ def main(argv=None) -> dict:
         vr("restore", raw, gauss, "--model", "gaussian:sigma=1", "--cluster", address, "--overwrite")
         step("restore")
     finally:
-        client.close()
-        client.volrestore_cluster.close()
+        cluster_scope.close()
 
     checks = {name: json.loads(vr("evaluate", path, "--input", raw, "--json", capture=True))
               for name, path in (("diffusion", restored), ("gaussian", gauss))}

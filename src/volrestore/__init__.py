@@ -1,13 +1,7 @@
 """volrestore: restore large 3D fluorescence volumes in OME-Zarr with a conditional diffusion model on Dask."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("volrestore")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-from volrestore.errors import UserError  # noqa: E402
+from volrestore.errors import UserError
+from volrestore.provenance import __version__
 
 
 def open(path, level=0):  # noqa: A001 - mirrors xarray/zarr naming on purpose
@@ -17,6 +11,13 @@ def open(path, level=0):  # noqa: A001 - mirrors xarray/zarr naming on purpose
     return open_image(path, level=level)
 
 
+def write_image(path, data, **kwargs):
+    """Write a numpy array as a complete OME-Zarr image; see volrestore.io.ngff.write_image for the options."""
+    from volrestore.io.ngff import write_image as _write_image
+
+    return _write_image(path, data, **kwargs)
+
+
 def restore(*args, **kwargs):
     """Restore an OME-Zarr image blockwise on a Dask cluster; see volrestore.blockwise.restore.restore."""
     from volrestore.blockwise.restore import restore as _restore
@@ -24,4 +25,4 @@ def restore(*args, **kwargs):
     return _restore(*args, **kwargs)
 
 
-__all__ = ["UserError", "__version__", "open", "restore"]
+__all__ = ["UserError", "__version__", "open", "restore", "write_image"]

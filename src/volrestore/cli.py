@@ -4,12 +4,12 @@ import sys
 
 import click
 
-from volrestore import __version__
+from volrestore.provenance import __version__, command_line
 from volrestore.errors import UserError
 
 
 class _Group(click.Group):
-    """A click group that turns UserError (from any command) into a one-line message and exit code 2."""
+    """A click group that turns UserError and bad options (from any command) into one line and exit code 2."""
 
     def invoke(self, ctx):
         try:
@@ -17,17 +17,16 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(UserError.exit_code)
+        except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
+            hint = f"see 'volrestore {exc.ctx.info_name} --help'" if exc.ctx else "see 'volrestore --help'"
+            click.echo(f"error: {exc.format_message().rstrip('.')}; {hint}", err=True)
+            ctx.exit(UserError.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="volrestore")
 def main():
     """Restore large 3D fluorescence volumes (OME-Zarr) with a conditional diffusion model on Dask."""
-
-
-def command_line() -> str:
-    """The command as the user typed it, for provenance."""
-    return " ".join(["volrestore", *sys.argv[1:]])
 
 
 # Commands are added below, one block per stage; keep each thin and call the Python API.
@@ -178,7 +177,11 @@ def _print_json(data):
 @click.option("--per-slice", "per_slice", type=click.Path(), default=None, help="Write per-slice metrics as CSV.")
 @click.option("--figure", type=click.Path(), default=None, help="Write a PNG (box/violin plot, or reliability plot).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric, per_slice, figure, as_json):
+@click.option("--cluster", default="local", show_default=True,
+              help="Where PRED REF and --compare metrics run: local | cuda | tcp://host:port | jobqueue YAML.")
+@click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
+def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric, per_slice, figure, as_json, cluster,
+                 workers):
     """Measure restored IMAGES: `PRED REF`, `--compare A B ... --reference REF`, or `PRED --input RAW`."""
     from pathlib import Path
 
@@ -188,11 +191,15 @@ def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric
     for path in (figure, per_slice):
         if path:
             figures.check_writable(path)
+    # stdout carries the result (JSON or a table): the dashboard link goes to a terminal's stderr, else nowhere
+    progress = sys.stderr.isatty()
+    run = {"cluster": cluster, "workers": workers, "progress": progress,
+           "echo": (lambda msg: click.echo(msg, err=True)) if progress else (lambda msg: None)}
     if compare:
         if reference is None:
             raise UserError("--compare needs --reference REF; give the ground-truth image")
         names = [Path(p).name.replace(".ome.zarr", "").replace(".zarr", "") for p in images]
-        result = ev.compare(dict(zip(names, images)), reference, level=level, metric=metric, mode=mode)
+        result = ev.compare(dict(zip(names, images)), reference, level=level, metric=metric, mode=mode, **run)
         if figure:
             figures.comparison_boxplot(result["samples"], metric, figure, result["moods_test"])
         if as_json:
@@ -206,7 +213,8 @@ def evaluate_cmd(images, compare, reference, raw, mask, std, level, mode, metric
         return _print_json(result) if as_json else _print_mapping(result)
     if len(images) != 2:
         raise UserError("give PRED and REF (or --compare A B ... --reference REF, or PRED --input RAW)")
-    result = ev.evaluate(images[0], images[1], mask=mask, level=level, mode=mode, std=std, per_slice_csv=per_slice)
+    result = ev.evaluate(images[0], images[1], mask=mask, level=level, mode=mode, std=std, per_slice_csv=per_slice,
+                         **run)
     if figure:
         if std:
             predicted, observed = ev.reliability(images[0], std, images[1], level=level)
@@ -298,9 +306,10 @@ def view_cmd(path, force_serve, port):
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampler steps.")
 @click.option("--sampler", default="dpmpp2m", show_default=True, help="ancestral | ddim | dpmpp2m")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--size", default=None, help="Generated volume: N (N³) or ZxYxX [64 on cpu, 256 on cuda].")
-@click.option("--tile", type=int, multiple=True, metavar="N", help="Tile size per axis, repeat: --tile 1 --tile 128 "
-              "--tile 128 (default: the model's).")
+@click.option("--size", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Generated volume shape [64 64 64 on cpu, 256 256 256 on cuda].")
+@click.option("--tile", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Tile size, Z 1 for a 2D model (default: the model's).")
 @click.option("--overlap", type=int, default=None, help="Tile overlap per side (default: the model's).")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per restorer call.")
 @click.option("--compile", "compile_", is_flag=True, help="Run the network under torch.compile.")
@@ -313,7 +322,7 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
     from volrestore.evaluation import benchmark
 
     result = benchmark.run(preset, samples=samples, steps=steps, sampler=sampler, device=device, size=size,
-                           tile=list(tile) or None, overlap=overlap, batch=batch, compile=compile_, cluster=cluster,
+                           tile=list(tile) if tile else None, overlap=overlap, batch=batch, compile=compile_, cluster=cluster,
                            workers=workers)
     if as_json:
         _print_json(result)
@@ -333,7 +342,8 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--preset", required=True, help="Network preset name (paper-2d, unet3d, tiny-2d, tiny-3d) or YAML path.")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint file to write (e.g. model.pt).")
 @click.option("--iterations", type=int, default=None, help="Total iterations [the preset's].")
-@click.option("--patch", default=None, metavar="[Z]xYxX", help="Patch size, e.g. 64x64 or 16x64x64 [the preset's].")
+@click.option("--patch", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Patch size (Z 1 for a 2D preset), e.g. 1 64 64 or 16 64 64 [the preset's].")
 @click.option("--batch", type=int, default=None, help="Patches per worker per iteration [the preset's].")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of the y axis (at its end) held out for validation, never trained on.")
@@ -351,9 +361,9 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
               help="Workers (GPUs) to train on; N > 1 runs DistributedDataParallel, global batch N x --batch.")
 def train_cmd(target, input_, degrade, preset, out, patch, **kwargs):
     """Train a restoration model on OME-Zarr data as a task on the Dask cluster and write the checkpoint OUT."""
-    from volrestore.model.trainjob import parse_patch, train_image
+    from volrestore.model.trainjob import train_image
 
-    train_image(target, out, input=input_, degrade=degrade, preset=preset, patch=parse_patch(patch),
+    train_image(target, out, input=input_, degrade=degrade, preset=preset, patch=list(patch) if patch else None,
                 progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
 
 
@@ -396,16 +406,15 @@ def _print_models(models):
 @click.option("--samples", "-K", type=click.IntRange(min=1), default=2, show_default=True,
               help="Samples averaged per tile (>= 2 also writes their std).")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Sampler steps.")
-@click.option("--size", default=None, help="Sample volume ZxYxX [32x64x64].")
+@click.option("--size", nargs=3, type=int, default=None, metavar="Z Y X", help="Sample volume shape [32 64 64].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the model [all cores].")
 @click.option("--overwrite", is_flag=True, help="Replace the demo's files in OUTDIR.")
 def demo_cmd(outdir, samples, steps, size, threads, overwrite):
     """Degrade a synthetic volume, restore it with the default model on a local Dask cluster, write OME-Zarr images
     and a PNG into OUTDIR, and print PSNR/SSIM before and after. Offline; a few minutes on a laptop CPU."""
     from volrestore import demo
-    from volrestore.evaluation.benchmark import parse_size
 
-    shape = parse_size(size, 0) if size else demo.SHAPE
+    shape = tuple(size) if size else demo.SHAPE
     demo.run(outdir, samples=samples, steps=steps, shape=shape, threads=threads, overwrite=overwrite, echo=click.echo)
 
 
@@ -417,10 +426,13 @@ def demo_cmd(outdir, samples, steps, size, threads, overwrite):
 @click.option("--dtype", type=click.Choice(["float32", "input"]), default="float32", show_default=True,
               help="Output data type: float32, or the input's (rounded and clipped).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def degrade_cmd(src, out, spec, level, dtype, overwrite):
+@click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML file")
+@click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
+def degrade_cmd(src, out, spec, level, dtype, overwrite, cluster, workers):
     """Write a degraded copy of the clean image SRC (blur, binning, Poisson + read noise): evaluation pairs."""
     from volrestore.simulate.degrade import degrade_image
 
-    result = degrade_image(src, out, spec, level=level, dtype=dtype, overwrite=overwrite, command=command_line())
+    result = degrade_image(src, out, spec, level=level, dtype=dtype, overwrite=overwrite, command=command_line(),
+                           cluster=cluster, workers=workers, progress=sys.stderr.isatty(), echo=click.echo)
     click.echo(f"wrote {result['output']} ({result['blocks']} chunks; {spec} at reference intensity "
                f"{result['reference_intensity']:.4g})")

@@ -88,6 +88,7 @@ def run(outdir, *, samples: int = 2, steps: int = 8, sampler: str = "dpmpp2m", s
 
 
 def report(r: dict) -> str:
+    """The demo's result as four lines: PSNR/SSIM before, after and gained, and the timings."""
     ssim = (lambda v: "n/a" if v is None else f"{v:.3f}")
     gain = (lambda a, b: "n/a" if a is None or b is None else f"{b - a:+.3f}")
     return "\n".join([

@@ -1,24 +1,87 @@
-"""Write-blocks of a restore plan: index ranges, boxes, lazy iteration and the per-block progress markers."""
+"""Blocks of a regular grid (index, write box, read box with halo), their lazy iteration, and restore's markers."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 
 PROGRESS_DIR = ".volrestore-progress"  # inside the output: one empty file per finished write-block
 
 
+@dataclass(frozen=True)
+class Block:
+    """One task's share of an n-d array. Boxes are per-axis [start, stop) pairs.
+
+    `write` is the region the task owns (writes, or accounts for in a reduction): the write boxes of a grid tile the
+    array without overlap. `read` is the region it reads: `write` grown by a halo and clipped to the array.
+    """
+
+    index: tuple[int, ...]
+    write: tuple[tuple[int, int], ...]
+    read: tuple[tuple[int, int], ...]
+
+    @property
+    def origin(self) -> tuple[int, ...]:
+        return tuple(a for a, _ in self.write)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.write)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def write_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.write)
+
+    @property
+    def read_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.read)
+
+    @property
+    def inner(self) -> tuple[slice, ...]:
+        """The write box inside data read from the read box: `data[block.inner]` is what the block owns."""
+        return tuple(slice(w0 - r0, w1 - r0) for (w0, w1), (r0, _) in zip(self.write, self.read))
+
+
+def grid_counts(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """Blocks per axis of a grid of `block`-sized boxes over `shape` (the last ones along each axis may be smaller)."""
+    return tuple(-(-int(n) // int(b)) for n, b in zip(shape, block))
+
+
+def grid_size(shape: Sequence[int], block: Sequence[int]) -> int:
+    return math.prod(grid_counts(shape, block))
+
+
+def grid_block(shape, block, index, halo=None) -> Block:
+    """The Block at `index` of the grid; `halo` (voxels per side and axis, default 0) grows its read box."""
+    halo = halo or (0,) * len(shape)
+    write = tuple((i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block, shape))
+    read = tuple((max(0, a - h), min(n, z + h)) for (a, z), h, n in zip(write, halo, shape))
+    return Block(tuple(int(i) for i in index), write, read)
+
+
+def grid_blocks(shape, block, halo=None) -> Iterator[Block]:
+    """Every Block of the grid in C order (last axis fastest), generated lazily: never a list of all blocks."""
+    for index in itertools.product(*map(range, grid_counts(shape, block))):
+        yield grid_block(shape, block, index, halo)
+
+
+# ----------------------------------------------------------------------------------------------- restore plans
+
 
 def block_counts(plan):
-    return [-(-n // b) for n, b in zip(plan.shape, plan.block)]
-
+    return list(grid_counts(plan.shape, plan.block))
 
 
 def n_blocks(plan) -> int:
-    return math.prod(block_counts(plan))
-
+    return grid_size(plan.shape, plan.block)
 
 
 def marker_path(plan, index) -> str:
@@ -26,13 +89,11 @@ def marker_path(plan, index) -> str:
     return os.path.join(plan.progress, "_".join(map(str, index[:-1])) or "0", str(index[-1]))
 
 
-
 def iter_blocks(plan, skip_done=False):
-    """Block indices in order, generated lazily (never a list of all blocks)."""
+    """Block indices of a plan in order, generated lazily (never a list of all blocks)."""
     for index in itertools.product(*map(range, block_counts(plan))):
         if not (skip_done and os.path.exists(marker_path(plan, index))):
             yield index
-
 
 
 def done_markers(plan):
@@ -40,10 +101,8 @@ def done_markers(plan):
         yield from files
 
 
-
 def block_box(plan, index):
-    return [(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, plan.block, plan.shape)]
-
+    return list(grid_block(plan.shape, plan.block, index).write)
 
 
 def mark_done(plan, index):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -14,7 +12,9 @@ from volrestore.blockwise.grid import Grid, validate_tile
 from volrestore.blockwise.blocks import PROGRESS_DIR
 from volrestore.errors import UserError
 from volrestore.io import ngff
-from volrestore.model import restorers
+from volrestore.config import RESULT_FIELDS, ModelRef, RestoreConfig, resolved_path
+from volrestore.model import registry
+from volrestore.model.restorer import RestorerSpec
 
 
 BLOCK_TARGET_STRIDES = 4  # auto write-blocks span ~4 tile strides per axis, so few tiles are computed twice
@@ -44,53 +44,77 @@ class Plan:
 
 def plan(input, model="identity", level=0, tile=None, overlap=None, batch=4, seed=0, block=None, **model_options):
     """(Plan, RestorerSpec) that restore() would use for these arguments, validated, nothing written (benchmarks)."""
-    plan_, spec, _, _ = prepare(str(input), "", model, level, tile, overlap, batch, seed, None, "float32", "error",
-                                 None, block, model_options)
-    return plan_, spec
+    config = RestoreConfig.validated(input=str(input), output="", model=ModelRef.parse(model, **model_options),
+                                     level=level, tile=tile, overlap=overlap, batch=batch, seed=seed, block=block)
+    prepared = prepare(config)
+    return prepared.plan, prepared.spec
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run: the Plan the tasks get, the restorer spec, the input's metadata and the resolved config
+    (every default filled in; recorded in provenance and compared by --resume)."""
 
-def prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtype, nan, chunks, block,
-             model_options):
-    """Validate all arguments and build the Plan and the parameters recorded for --resume."""
-    if not isinstance(batch, int) or batch < 1:
-        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
-    if not isinstance(seed, int):
-        raise UserError(f"--seed must be a whole number, got {seed!r}")
-    if dtype not in ("float32", "input"):
-        raise UserError(f"--dtype must be float32 or input, got {dtype!r}")
-    if nan not in ("error", "fill"):
-        raise UserError(f"--nan must be error or fill, got {nan!r}")
-    info = ngff.read_info(input)
-    if not 0 <= level < len(info.levels):
-        raise UserError(f"{input} has {len(info.levels)} level(s); choose --level from 0 to {len(info.levels) - 1}")
-    spec = restorers.resolve(model, **model_options)
-    options = dict(spec.options)
-    if options.get("normalise") == "image" and options.get("input_range") is None:
-        # The model adapts to this image's intensities: measure them once, record them (provenance, --resume).
-        spec = restorers.resolve(model, **{**model_options, "normalise": "image",
-                                           "input_range": _input_range(input, level)})
-    lvl = info.levels[level]
+    plan: Plan
+    spec: RestorerSpec
+    info: ngff.ImageInfo
+    config: RestoreConfig
+    chunks: list[int]  # output chunks over all axes
+    shards: list[int] | None
+
+    def parameters(self) -> dict:
+        """The result-defining fields of the resolved config, as JSON values (provenance, --resume)."""
+        return self.config.model_dump(mode="json", include=set(RESULT_FIELDS))
+
+
+def prepare(config: RestoreConfig) -> Prepared:
+    """Validate a RestoreConfig against its input and model and build the Plan; nothing is written."""
+    info = ngff.read_info(config.input)
+    ngff.check_level(info, config.level)
+    spec = _resolve_model(config)
+    lvl = info.levels[config.level]
     axes = tuple(info.axis_names)
     spatial = [a for a in axes if a in "zyx"]
     sp_idx = [axes.index(a) for a in spatial]
-    sp_shape = [lvl.shape[i] for i in sp_idx]
+    grid, tiles, overlap = _tile_grid(config, spec, spatial, [lvl.shape[i] for i in sp_idx])
+    chunks_all, shards, blk = _chunks_and_block(config, info, grid, spatial, sp_idx)
+    mask_plan = _mask_plan(config.mask, info, config.level, spatial, sp_idx) if config.mask is not None else None
+    resolved = config.model_copy(update={
+        "input": resolved_path(config.input), "mask": resolved_path(config.mask),
+        "model": ModelRef(name=spec.name, options=dict(spec.options)), "tile": tiles, "overlap": overlap,
+        "chunks": [chunks_all[i] for i in sp_idx], "block": [blk[i] for i in sp_idx]})
+    plan = Plan(
+        run=uuid.uuid4().hex, input=config.input, input_array=lvl.path, outputs=(),
+        progress=os.path.join(config.output, PROGRESS_DIR), axes=axes, shape=tuple(lvl.shape), block=tuple(blk),
+        grid=grid, seed=config.seed, batch=config.batch,
+        dtype="float32" if config.dtype == "float32" else lvl.dtype, fill_nan=config.nan == "fill", mask=mask_plan,
+    )
+    return Prepared(plan, spec, info, resolved, chunks_all, shards)
 
-    # Tile and overlap per spatial axis; a 2D restorer works slice-wise (z tile 1, no z overlap).
+
+def _resolve_model(config: RestoreConfig) -> RestorerSpec:
+    spec = registry.resolve(config.model)
+    options = dict(spec.options)
+    if options.get("normalise") == "image" and options.get("input_range") is None:
+        # The model adapts to this image's intensities: measure them once, record them (provenance, --resume).
+        ref = config.model.with_options(normalise="image", input_range=_input_range(config.input, config.level))
+        spec = registry.resolve(ref)
+    return spec
+
+
+def _tile_grid(config: RestoreConfig, spec: RestorerSpec, spatial: list[str], sp_shape: list[int]):
+    """(Grid, tile per spatial axis, overlap). A 2D restorer works slice-wise (z tile 1, no z overlap)."""
     r_axes = ["z", "y", "x"][3 - spec.spatial_dims :]
     if spec.spatial_dims == 3 and "z" not in spatial:
-        raise UserError(f"model {spec.name} is 3D but {input} has no z axis; use a 2D model (e.g. dims=2)")
-    if tile is None:  # an int for any model, or a per-axis tuple (a network's training patch)
-        d = spec.default_tile
-        tile = list(d) if isinstance(d, (tuple, list)) else [d] * spec.spatial_dims
-    tile = [int(t) for t in tile]
+        raise UserError(f"model {spec.name} is 3D but {config.input} has no z axis; use a 2D model (e.g. dims=2)")
+    tile = list(spec.default_tile if config.tile is None else config.tile)
     if spec.spatial_dims == 2 and len(tile) == 3:
         if tile[0] != 1:
             raise UserError(f"model {spec.name} is 2D: give --tile 1 Y X (or Y X), not a z size of {tile[0]}")
         tile = tile[1:]
     if len(tile) != spec.spatial_dims:
         raise UserError(f"--tile needs {spec.spatial_dims} sizes ({' '.join(a.upper() for a in r_axes)}), got {tile}")
-    overlap = spec.default_overlap if overlap is None else int(overlap)
+    overlap = spec.default_overlap if config.overlap is None else config.overlap
     for a, t in zip(r_axes, tile):
         validate_tile(a, t, overlap, spec.size_multiple, spec.name)
     by_axis = dict(zip(r_axes, tile))
@@ -98,48 +122,36 @@ def prepare(input, output, model, level, tile, overlap, batch, seed, mask, dtype
     overlaps = [overlap if a in r_axes else 0 for a in spatial]
     multiples = [spec.size_multiple if a in r_axes else 1 for a in spatial]
     contexts = [spec.z_context if (a == "z" and spec.spatial_dims == 2) else 0 for a in spatial]
-    grid = Grid.build(sp_shape, tiles, overlaps, multiples, contexts)
+    return Grid.build(sp_shape, tiles, overlaps, multiples, contexts), tiles, overlap
 
-    # Output chunks (default: the input level's) and write-blocks (whole chunks/shards, never shared by two tasks).
+
+def _chunks_and_block(config: RestoreConfig, info: ngff.ImageInfo, grid: Grid, spatial, sp_idx):
+    """(output chunks, output shards or None, write-block), each over all axes. Write-blocks are whole chunks
+    (shards), so no two tasks ever write the same chunk; by default they span BLOCK_TARGET_STRIDES tile strides."""
+    lvl = info.levels[config.level]
     chunks_all = list(lvl.chunks)
-    if chunks is not None:
-        chunks = [int(c) for c in chunks]
-        if len(chunks) != len(spatial) or any(c < 1 for c in chunks):
-            raise UserError(f"--chunks needs {len(spatial)} positive sizes ({' '.join(spatial).upper()}), got {chunks}")
-        for i, c in zip(sp_idx, chunks):
+    if config.chunks is not None:
+        if len(config.chunks) != len(spatial) or any(c < 1 for c in config.chunks):
+            raise UserError(f"--chunks needs {len(spatial)} positive sizes ({' '.join(spatial).upper()}), "
+                            f"got {config.chunks}")
+        for i, c in zip(sp_idx, config.chunks):
             chunks_all[i] = c
-    shards = list(lvl.shards) if (lvl.shards and chunks is None and info.version == "0.5") else None
+    shards = list(lvl.shards) if (lvl.shards and config.chunks is None and info.version == "0.5") else None
     unit = [min(u, n) for u, n in zip(shards or chunks_all, lvl.shape)]
     blk = list(unit)
-    if block is None:
+    if config.block is None:
         for d, i in enumerate(sp_idx):
             ax = grid.axes[d]
             if ax.overlap:  # along axes without overlap tiles never straddle blocks: keep one unit
                 target = min(lvl.shape[i], BLOCK_TARGET_STRIDES * ax.stride)
                 blk[i] = max(1, -(-target // unit[i])) * unit[i]
-    else:
-        block = [int(b) for b in block]
-        if len(block) != len(spatial) or any(b < 1 or b % unit[i] for b, i in zip(block, sp_idx)):
-            raise UserError(f"--block needs {len(spatial)} sizes that are multiples of the output "
-                            f"{'shards' if shards else 'chunks'} {[unit[i] for i in sp_idx]}, got {block}")
-        for b, i in zip(block, sp_idx):
-            blk[i] = b
-
-    mask_plan = _mask_plan(mask, info, level, spatial, sp_idx) if mask is not None else None
-    out_dtype = "float32" if dtype == "float32" else lvl.dtype
-    params = {
-        "input": str(Path(input).resolve()), "level": level, **spec.parameters, "tile": tiles,
-        "overlap": overlap, "seed": seed, "dtype": out_dtype, "nan": nan,
-        "mask": str(Path(mask).resolve()) if mask is not None else None,
-        "chunks_all": chunks_all, "shards": shards, "block": blk, "outputs": list(spec.outputs),
-    }
-    plan = Plan(
-        run=uuid.uuid4().hex, input=input, input_array=lvl.path, outputs=(), progress=os.path.join(output, PROGRESS_DIR),
-        axes=axes, shape=tuple(lvl.shape), block=tuple(blk), grid=grid, seed=seed, batch=batch, dtype=out_dtype,
-        fill_nan=nan == "fill", mask=mask_plan,
-    )
-    return plan, spec, info, json.loads(json.dumps(params))
-
+        return chunks_all, shards, blk
+    if len(config.block) != len(spatial) or any(b < 1 or b % unit[i] for b, i in zip(config.block, sp_idx)):
+        raise UserError(f"--block needs {len(spatial)} sizes that are multiples of the output "
+                        f"{'shards' if shards else 'chunks'} {[unit[i] for i in sp_idx]}, got {config.block}")
+    for b, i in zip(config.block, sp_idx):
+        blk[i] = b
+    return chunks_all, shards, blk
 
 
 def _input_range(path, level, max_voxels=20_000_000) -> tuple[float, float]:

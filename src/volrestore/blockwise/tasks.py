@@ -14,6 +14,7 @@ import zarr
 
 from volrestore.blockwise.blocks import block_box, mark_done
 from volrestore.io import ngff
+from volrestore.model.restorer import restorer_for
 
 
 @lru_cache(maxsize=16)
@@ -47,7 +48,7 @@ def restore_block(plan, spec, index):
         mark_done(plan, index)  # the outputs' fill value (0) stands for the skipped region
         return "empty", n_vox, None
 
-    restorer = spec.build()
+    restorer = restorer_for(spec)
     grid = plan.grid
     tile_ranges = grid.tiles_touching(lo, hi)
     read = [ax.read_range(r) for ax, r in zip(grid.axes, tile_ranges)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import contextmanager
 
 import dask
@@ -15,22 +16,17 @@ ALLOWED_FAILURES = 3
 
 
 def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity), for sizing local clusters."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def make_client(spec="local", workers: int | None = None, threads_per_worker: int = 1):
-    """A connected Client for the spec; the caller closes it (and `client.volrestore_cluster`, if set).
+def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1):
+    """(Client, the cluster started for it or None, whether its workers have GPUs) for a --cluster spec.
 
-    local        : a LocalCluster of worker processes sized to the machine, `threads_per_worker` each, with
-                   OMP/MKL/OpenBLAS threads set to match before the workers spawn (so torch uses them too),
-                   unless OMP_NUM_THREADS is already set.
-    cuda         : dask-cuda's LocalCUDACluster: one worker per visible GPU, pinned with CUDA_VISIBLE_DEVICES,
-                   advertising the resource GPU=1 that model tasks require.
-    tcp://h:port : an existing scheduler; UserError when it cannot be reached within CONNECT_TIMEOUT_S.
-    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.cluster.jobqueue).
+    See `connect` for the specs.
     """
     from distributed import Client
 
@@ -46,17 +42,19 @@ def make_client(spec="local", workers: int | None = None, threads_per_worker: in
             cluster = LocalCluster(
                 n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
             )
-        return _client_for(cluster)
+        return Client(cluster), cluster, False
     if spec == "cuda":
-        return _client_for(_cuda_cluster(workers), gpu=True)
+        cluster = _cuda_cluster(workers)
+        return Client(cluster), cluster, True
     from volrestore.cluster.jobqueue import is_jobqueue_spec, load_spec, make_cluster
 
     if is_jobqueue_spec(spec):
         with dask.config.set(_worker_config(threads_per_worker)):
-            return _client_for(make_cluster(spec), gpu=load_spec(spec).gpus > 0)
+            cluster = make_cluster(spec)
+        return Client(cluster), cluster, load_spec(spec).gpus > 0
     if spec.startswith("tcp://"):
         try:
-            return Client(spec, timeout=CONNECT_TIMEOUT_S)
+            return Client(spec, timeout=CONNECT_TIMEOUT_S), None, False
         except (OSError, TimeoutError) as exc:
             raise UserError(
                 f"cannot reach the Dask scheduler at {spec} within {CONNECT_TIMEOUT_S}s ({type(exc).__name__}); "
@@ -75,16 +73,8 @@ def _worker_config(threads_per_worker: int) -> dict:
     }
 
 
-def _client_for(cluster, gpu=False):
-    from distributed import Client
-
-    client = Client(cluster)
-    client.volrestore_cluster = cluster
-    client.volrestore_gpu = gpu
-    return client
-
-
 def visible_gpus() -> int:
+    """CUDA devices torch sees here (0 when CUDA is missing or broken)."""
     try:
         import torch
 
@@ -113,28 +103,43 @@ def _cuda_cluster(workers):
 
 def task_resources(client) -> dict | None:
     """{"GPU": 1} when the cluster's workers advertise GPUs (model tasks then run one per GPU), else None."""
-    if getattr(client, "volrestore_gpu", False):  # GPU clusters started here, before their workers have joined
+    if is_gpu_cluster(client):  # GPU clusters started here, before their workers have joined
         return {"GPU": 1}
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers.values()) else None
 
 
+# Clients of GPU clusters started by `connect` (a jobqueue cluster's GPU workers may not have joined yet).
+_GPU_CLIENTS: "weakref.WeakSet" = weakref.WeakSet()
+
+
 @contextmanager
 def connect(spec="local", workers: int | None = None, echo=print, threads_per_worker: int = 1):
-    """Yield a Client for `spec` (or `spec` itself when it already is a Client) and close what was started here."""
+    """Yield a Client for a --cluster `spec` (or `spec` itself when it already is a Client) and close what was
+    started here, cluster included, when the block ends.
+
+    local        : a LocalCluster of worker processes sized to the machine, `threads_per_worker` each, with
+                   OMP/MKL/OpenBLAS threads set to match before the workers spawn (so torch uses them too),
+                   unless OMP_NUM_THREADS is already set.
+    cuda         : dask-cuda's LocalCUDACluster: one worker per visible GPU, pinned with CUDA_VISIBLE_DEVICES,
+                   advertising the resource GPU=1 that model tasks require.
+    tcp://h:port : an existing scheduler; UserError when it cannot be reached within CONNECT_TIMEOUT_S.
+    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.cluster.jobqueue).
+    """
     from distributed import Client
 
     if isinstance(spec, Client):
         yield spec
         return
-    client = make_client(spec, workers, threads_per_worker)
+    client, cluster, gpu = _start(spec, workers, threads_per_worker)
+    if gpu:
+        _GPU_CLIENTS.add(client)
     try:
         services = client.scheduler_info().get("services", {})
         link = client.dashboard_link if "dashboard" in services else "not available (install bokeh for it)"
         echo(f"Dask dashboard: {link}")
         yield client
     finally:
-        cluster = getattr(client, "volrestore_cluster", None)
         # Shutting down must not fail a command whose work is done: on an overloaded machine a worker process can
         # take longer than distributed's kill timeout to exit, and that TimeoutError used to discard a finished
         # training run (its checkpoint is written after this block).
@@ -144,3 +149,16 @@ def connect(spec="local", workers: int | None = None, echo=print, threads_per_wo
                 cluster.close()
         except TimeoutError:
             echo("warning: the local Dask cluster was slow to shut down (timeout); its processes are being killed")
+
+
+def is_gpu_cluster(client) -> bool:
+    """Whether `client`'s cluster was started here with GPU workers (they may still be joining)."""
+    return client in _GPU_CLIENTS
+
+
+def pin_torch_threads() -> None:
+    """Use the worker's share of the cores for torch (OMP_NUM_THREADS, set by the clusters started here; 1 when
+    unset): a fixed thread count keeps CPU results bitwise stable from run to run."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -4,6 +4,7 @@ import sys
 
 
 def main(argv=None):
+    """Run `dask cuda worker` with these arguments: one worker per visible GPU, pinned to it."""
     try:
         from dask_cuda.cli import cuda
     except ImportError:

@@ -56,6 +56,7 @@ class JobqueueSpec:
 
 
 def is_jobqueue_spec(spec: str) -> bool:
+    """Whether a --cluster value names a jobqueue YAML file."""
     return str(spec).lower().endswith((".yaml", ".yml"))
 
 

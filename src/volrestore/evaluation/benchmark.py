@@ -18,8 +18,9 @@ from volrestore.blockwise import plan as planning
 from volrestore.blockwise import restore as engine
 from volrestore.io import ngff
 from volrestore.model import nets
-from volrestore.cluster.client import connect, task_resources
+from volrestore.cluster.client import connect, is_gpu_cluster, task_resources
 from volrestore.errors import UserError
+from volrestore.model.restorer import BuildRestorer, restorer_for
 
 TB_VOXELS = 1e12 / 2  # voxels in a terabyte of uint16
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name();
@@ -78,7 +79,7 @@ def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu
         overlap=None, batch=4, compile=False, cluster=None, workers=None, seed=0, workdir=None, echo=print) -> dict:
     """Benchmark a preset (random weights) on a generated volume; returns the FIELDS dict.
 
-    `size`: "N" (N³) or "ZxYxX" (default 64 on CPU, 256 on CUDA); `tile`: as restore's (None: the model's default);
+    `size`: (Z, Y, X) (default 64³ on CPU, 256³ on CUDA); `tile`: as restore's (None: the model's default);
     `cluster`: default "local" with 1 worker on CPU, "cuda" on CUDA (or a Client, reused as it is).
     """
     import torch
@@ -99,20 +100,10 @@ def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu
         options = dict(samples=samples, sampler=sampler, steps=steps, device=device, compile=compile)
         plan, spec = planning.plan(src, ckpt, tile=tile, overlap=overlap, batch=batch, seed=seed, **options)
         with connect(cluster, workers, echo=lambda *_: None) as client:
-            res = task_resources(client)
-            # The bare passes run on a worker, through the restorer that worker caches for the engine: same process,
-            # threads, device and (compiled) model; the first pass also pays the warm-up and compilation.
-            before = client.submit(bare_pass, spec, plan, pure=False, resources=res).result()
-            client.run(_reset_gpu_peak)
-            t0 = time.perf_counter()
-            summary = engine.restore(src, tmp / "output.ome.zarr", model=ckpt, tile=tile, overlap=overlap, batch=batch,
-                                     seed=seed, cluster=client, progress=False, echo=lambda *_: None, **options)
-            e2e_wall = time.perf_counter() - t0
-            gpu_e2e = [m for m in client.run(_gpu_peak_mib).values() if m is not None]
-            after = client.submit(bare_pass, spec, plan, pure=False, resources=res).result()
-            flop = client.submit(model_flop, spec, plan, pure=False, resources=res).result()
-            rss = max(client.run(_rss_mib).values())
-            n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            m = _measure(client, spec, plan, src, tmp / "output.ome.zarr", ckpt,
+                         dict(tile=tile, overlap=overlap, batch=batch, seed=seed, **options))
+    before, after, summary, n_workers = m["before"], m["after"], m["summary"], m["workers"]
+    flop, e2e_wall, rss, gpu_e2e = m["flop"], m["e2e_wall"], m["rss"], m["gpu_e2e"]
     voxels = math.prod(shape)
     bare = (before["voxels_per_s"] + after["voxels_per_s"]) / 2
     e2e = summary["voxels_per_s"]
@@ -139,12 +130,32 @@ def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu
     }
 
 
+def _measure(client, spec, plan, src, out, ckpt, restore_kw: dict) -> dict:
+    """Bare pass, end-to-end restore, bare pass again, FLOP count and memory, on the cluster's workers."""
+    res = task_resources(client)
+    # The bare passes run on a worker, through the restorer that worker keeps for the engine (BuildRestorer): same
+    # process, threads, device and (compiled) model; the first pass also pays the warm-up and compilation.
+    client.register_plugin(BuildRestorer(spec))
+    before = client.submit(bare_pass, spec, plan, pure=False, resources=res).result()
+    client.run(_reset_gpu_peak)
+    t0 = time.perf_counter()
+    summary = engine.restore(src, out, model=ckpt, cluster=client, progress=False, echo=lambda *_: None, **restore_kw)
+    e2e_wall = time.perf_counter() - t0
+    gpu_e2e = [m for m in client.run(_gpu_peak_mib).values() if m is not None]
+    after = client.submit(bare_pass, spec, plan, pure=False, resources=res).result()
+    flop = client.submit(model_flop, spec, plan, pure=False, resources=res).result()
+    return {"before": before, "after": after, "summary": summary, "e2e_wall": e2e_wall, "gpu_e2e": gpu_e2e,
+            "flop": flop, "rss": max(client.run(_rss_mib).values()),
+            "workers": len(client.scheduler_info(n_workers=-1)["workers"])}
+
+
 def cluster_name(client) -> str:
     """What a given Client stands for: "cuda" for GPU clusters started by volrestore, else its scheduler address."""
-    return "cuda" if getattr(client, "volrestore_gpu", False) else client.scheduler.address
+    return "cuda" if is_gpu_cluster(client) else client.scheduler.address
 
 
 def hours_per_tb(voxels_per_s: float) -> float:
+    """Hours for a terabyte of uint16 (5e11 voxels) at this rate."""
     return TB_VOXELS / voxels_per_s / 3600 if voxels_per_s > 0 else math.inf
 
 
@@ -154,18 +165,11 @@ def peak_bf16(device_name: str) -> float | None:
 
 
 def parse_size(size, default: int) -> tuple[int, int, int]:
-    """'N' -> (N, N, N); 'ZxYxX' -> (Z, Y, X)."""
-    text = str(default if size is None else size)
-    try:
-        dims = [int(v) for v in text.lower().split("x")]
-        if len(dims) == 1:
-            dims *= 3
-        if len(dims) != 3 or min(dims) < 1:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"--size must be N (a cube) or ZxYxX with positive whole numbers, e.g. 64 or 8x256x256; "
-                        f"got {size!r}") from None
-    return tuple(dims)
+    """The generated volume's (Z, Y, X): `size` as given (three positive whole numbers) or a cube of `default`."""
+    dims = (default,) * 3 if size is None else tuple(size)
+    if len(dims) != 3 or not all(isinstance(v, int) and v >= 1 for v in dims):
+        raise UserError(f"--size needs three positive whole numbers Z Y X, e.g. 8 256 256; got {size!r}")
+    return dims
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -179,7 +183,7 @@ def make_volume(path, shape, seed=0):
     """
     from volrestore.simulate.degrade import Degradation
     from volrestore.simulate.synthetic import phantom
-    from volrestore.model.train import Normalisation
+    from volrestore.model.checkpoint import Normalisation
 
     small = tuple(min(n, 128) for n in shape)
     clean = phantom(small, seed=seed)
@@ -199,7 +203,7 @@ def random_checkpoint(preset: dict, path, norm, seed=0):
     import torch
 
     from volrestore.model.diffusion import Schedule
-    from volrestore.model.train import save_checkpoint
+    from volrestore.model.checkpoint import save_checkpoint
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -239,7 +243,7 @@ def bare_pass(spec, plan) -> dict:
     """
     import zarr
 
-    restorer = spec.build()
+    restorer = restorer_for(spec)
     data = np.asarray(zarr.open_group(plan.input, mode="r")[plan.input_array][...], dtype=np.float32)
     squeeze = restorer.spatial_dims < data.ndim
     grid = plan.grid
@@ -268,7 +272,7 @@ def model_flop(spec, plan) -> int | None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    restorer = spec.build()
+    restorer = restorer_for(spec)
     net = getattr(restorer, "net", None)
     if not isinstance(net, torch.nn.Module):
         return None

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
+from volrestore.blockwise.blocks import grid_blocks, grid_size
+from volrestore.blockwise.runner import cluster_client, run_blockwise
 from volrestore.evaluation import metrics
 from volrestore.io import ngff
 from volrestore.errors import UserError
@@ -24,7 +29,7 @@ class _Image:
         self.info = ngff.read_info(path)
         if level >= len(self.info.levels):
             raise UserError(f"{path} has {len(self.info.levels)} level(s); choose --level below that")
-        self.path, self.role = str(path), role
+        self.path, self.level, self.role = str(path), level, role
         self.array = ngff.open_level(path, level)
         names = self.info.axis_names
         missing = [a for a in "yx" if a not in names]
@@ -52,6 +57,16 @@ class _Image:
     def depth(self):
         return self.shape[0] if len(self.shape) == 3 else 1
 
+    def slab_grid(self, planes):
+        """(shape, block) of the grid of slabs over (t/c..., z): one t/c index and `planes` z planes per slab."""
+        leads = tuple(self.array.shape[i] for i in self.lead)
+        return (*leads, self.depth), (1,) * len(leads) + (planes,)
+
+    def slabs(self, planes, margin=0):
+        """Slab Blocks in volume order, lazily: write = the planes a slab owns, read = those and `margin` around."""
+        shape, block = self.slab_grid(planes)
+        return grid_blocks(shape, block, (0,) * (len(shape) - 1) + (margin,))
+
 
 def _match(a: _Image, b: _Image):
     if a.array.shape != b.array.shape:
@@ -66,22 +81,27 @@ def _match(a: _Image, b: _Image):
         )
 
 
-def _slabs(depth, planes, margin=0):
-    """(read_lo, read_hi, keep_lo, keep_hi) z ranges: keep [keep_lo, keep_hi), read it with `margin` planes around."""
-    for z0 in range(0, depth, planes):
-        z1 = min(depth, z0 + planes)
-        yield max(0, z0 - margin), min(depth, z1 + margin), z0, z1
+@lru_cache(maxsize=16)
+def _opened(run, path, level, role) -> _Image:
+    """An image opened once per process and evaluation (the run id keeps a rewritten image from a stale handle)."""
+    return _Image(path, level, role)
 
 
-def _reference_range(ref: _Image, planes: int, mode: str):
+def _slab(block):
+    """(t/c index, (read z0, z1), (keep z0, z1)) of a slab Block."""
+    return block.origin[:-1], block.read[-1], block.write[-1]
+
+
+def _read_slab(run, path, level, role, block) -> np.ndarray:
+    lead, (r0, r1), _ = _slab(block)
+    return _opened(run, path, level, role).read(lead, r0, r1)
+
+
+def _reference_range(ref: _Image, planes: int, mode: str, run: str, client=None, progress=False):
     """(offset, scale) mapping the reference to [0, 1], computed blockwise (two passes for percentiles)."""
-
-    def blocks():
-        for lead in ref.leads:
-            for r0, r1, _, _ in _slabs(ref.depth, planes):
-                yield ref.read(lead, r0, r1)
-
-    lo, hi, (p_lo, p_hi) = metrics.blockwise_percentiles(blocks)
+    lo, hi, (p_lo, p_hi) = metrics.run_percentiles(
+        partial(_read_slab, run, ref.path, ref.level, ref.role), lambda: ref.slabs(planes), client=client,
+        progress=progress, what="the reference", total=grid_size(*ref.slab_grid(planes)))
     if not hi > lo:
         raise UserError(f"reference {ref.path} has no dynamic range (all voxels are {lo}); give a real reference")
     if mode == "raw":
@@ -91,15 +111,8 @@ def _reference_range(ref: _Image, planes: int, mode: str):
     return p_lo, p_hi - p_lo
 
 
-def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_slice_csv=None,
-             block_planes=DEFAULT_BLOCK_PLANES, ms_ssim=True) -> dict:
-    """Metrics of PRED against REF, computed blockwise so that any size fits in memory.
-
-    Returns PSNR/SSIM(3D)/NRMSE/MAE over the whole image, the per-slice (2D) PSNR/SSIM/MS-SSIM distributions,
-    and, with `std`, the share of voxels within 2·std of the reference (uncertainty calibration).
-    """
-    if mode not in ("percentile", "raw"):
-        raise UserError(f"unknown range rule {mode!r}; use percentile or raw")
+def _open_inputs(pred, ref, mask, std, level):
+    """(prediction, reference, mask or None, std or None) images, checked against each other before any work."""
     p_img, r_img = _Image(pred, level, "prediction"), _Image(ref, level, "reference")
     _match(p_img, r_img)
     m_img = s_img = None
@@ -113,77 +126,136 @@ def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_
     if std is not None:
         s_img = _Image(std, level, "std")
         _match(s_img, r_img)
-    offset, scale = _reference_range(r_img, block_planes, mode)
+    return p_img, r_img, m_img, s_img
 
-    sse = sae = ref_sq = 0.0
-    count = 0
-    ssim_sum, ssim_n = 0.0, 0
-    covered, cov_n = 0, 0
+
+def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_slice_csv=None,
+             block_planes=DEFAULT_BLOCK_PLANES, ms_ssim=True, cluster=None, workers=None, progress=False,
+             echo=print) -> dict:
+    """Metrics of PRED against REF, computed blockwise (one task per slab of z planes) so any size fits in memory.
+
+    Returns PSNR/SSIM(3D)/NRMSE/MAE over the whole image, the per-slice (2D) PSNR/SSIM/MS-SSIM distributions,
+    and, with `std`, the share of voxels within 2·std of the reference (uncertainty calibration). `cluster`: None
+    runs the slab tasks in threads here; "local", "tcp://host:port" or a Client run them on Dask. Slab results are
+    added up in slab order, so the numbers do not depend on where or in which order the tasks ran.
+    """
+    if mode not in ("percentile", "raw"):
+        raise UserError(f"unknown range rule {mode!r}; use percentile or raw")
+    p_img, r_img, m_img, s_img = _open_inputs(pred, ref, mask, std, level)
+    run = uuid.uuid4().hex
+    with cluster_client(cluster, workers, echo=echo) as client:
+        offset, scale = _reference_range(r_img, block_planes, mode, run, client, progress)
+        three_d = len(r_img.shape) == 3 and min(r_img.shape) >= 2 * metrics.SSIM_MARGIN + 1
+        margin = metrics.SSIM_MARGIN if three_d else 0
+        block_planes = max(block_planes, 2 * margin + 1)  # every slab read must hold one whole SSIM window
+        job = SlabJob(run, level, p_img.path, r_img.path, m_img and m_img.path, s_img and s_img.path, offset, scale,
+                      three_d, margin, r_img.depth, ms_ssim)
+        parts = {}
+        run_blockwise(client, slab_metrics, r_img.slabs(block_planes, margin), args=(job,),
+                      on_result=lambda block, part: parts.update({block.index: part}), progress=progress,
+                      what="evaluating", total=grid_size(*r_img.slab_grid(block_planes)))
+    result = {"prediction": str(pred), "reference": str(ref), "range_rule": mode,
+              "normalisation": {"offset": offset, "scale": scale}}
+    rows = _combine([parts[index] for index in sorted(parts)], result, scale, mask, s_img is not None)
+    result["seam_ratio"] = seam_check(pred, level=level)
+    if per_slice_csv:
+        write_rows(per_slice_csv, rows)
+    result["slices"] = rows
+    return result
+
+
+@dataclass(frozen=True)
+class SlabJob:
+    """What a slab_metrics task needs besides its slab (small, sent with each task)."""
+
+    run: str
+    level: int
+    pred: str
+    ref: str
+    mask: str | None
+    std: str | None
+    offset: float  # the reference normalisation: (x - offset) / scale
+    scale: float
+    three_d: bool  # also the 3D SSIM map, which needs `margin` planes of context around a slab
+    margin: int
+    depth: int
+    ms_ssim: bool
+
+
+def slab_metrics(job: SlabJob, block) -> dict:
+    """One slab's partial sums (squared/absolute errors, voxels, 2·std coverage, 3D SSIM) and per-slice rows."""
+    lead, (r0, r1), (k0, k1) = _slab(block)
+    p = (_opened(job.run, job.pred, job.level, "prediction").read(lead, r0, r1) - job.offset) / job.scale
+    r = (_opened(job.run, job.ref, job.level, "reference").read(lead, r0, r1) - job.offset) / job.scale
+    keep = slice(k0 - r0, k1 - r0)
+    pk, rk = p[keep], r[keep]
+    mask = _opened(job.run, job.mask, job.level, "mask") if job.mask is not None else None
+    sel = mask.read(lead, k0, k1) > 0 if mask is not None else np.ones(pk.shape, bool)
+    diff = pk - rk
+    part = {"sse": float(np.sum(diff[sel] ** 2)), "sae": float(np.sum(np.abs(diff[sel]))),
+            "ref_sq": float(np.sum(rk[sel] ** 2)), "count": int(sel.sum()), "covered": 0, "cov_n": 0,
+            "ssim_sum": 0.0, "ssim_n": 0}
+    if job.std is not None:
+        s = _opened(job.run, job.std, job.level, "std").read(lead, k0, k1) / job.scale
+        part["covered"], part["cov_n"] = int(np.sum((np.abs(diff) <= 2 * s)[sel])), int(sel.sum())
+    # 3D SSIM: the map needs `margin` planes of context; skimage crops `margin` at every border.
+    if job.three_d:
+        full = metrics.ssim_map(p, r)[keep]
+        zs = np.arange(k0, k1)
+        zsel = (zs >= job.margin) & (zs < job.depth - job.margin)
+        inner = full[zsel][:, job.margin:-job.margin, job.margin:-job.margin]
+        part["ssim_sum"], part["ssim_n"] = float(inner.sum(dtype=np.float64)), inner.size
+    part["rows"] = [_slice_row(lead, k0 + j, pk[j], rk[j], job.ms_ssim) for j in range(pk.shape[0])]
+    return part
+
+
+def _slice_row(lead, z, pk, rk, ms_ssim) -> dict:
+    """Per-slice (2D) PSNR, SSIM and optionally MS-SSIM of one z plane."""
+    row = {"lead": list(lead), "z": z}
+    mse = float(np.mean((pk - rk) ** 2))
+    row["psnr"] = metrics.psnr_from_mse(mse)
+    m2 = metrics.ssim_map(pk, rk)
+    crop = tuple(slice(metrics.SSIM_MARGIN, max(metrics.SSIM_MARGIN, n - metrics.SSIM_MARGIN)) for n in m2.shape)
+    row["ssim"] = float(m2[crop].mean(dtype=np.float64))
+    if ms_ssim:
+        row["ms_ssim"] = metrics.ms_ssim_2d(pk, rk, 0.0, 1.0)
+    return row
+
+
+def _combine(parts, result, scale, mask, calibrate) -> list[dict]:
+    """Add the slab results (in slab order: float sums are then those of one serial pass) into `result`;
+    return the per-slice rows."""
+    sse = sae = ref_sq = ssim_sum = 0.0
+    count = covered = cov_n = ssim_n = 0
     rows = []
-    three_d = len(r_img.shape) == 3 and min(r_img.shape) >= 2 * metrics.SSIM_MARGIN + 1
-    margin = metrics.SSIM_MARGIN if three_d else 0
-    block_planes = max(block_planes, 2 * margin + 1)  # every slab read must hold one whole SSIM window
-    for lead in r_img.leads:
-        depth = r_img.depth
-        for r0, r1, k0, k1 in _slabs(depth, block_planes, margin):
-            p = (p_img.read(lead, r0, r1) - offset) / scale
-            r = (r_img.read(lead, r0, r1) - offset) / scale
-            keep = slice(k0 - r0, k1 - r0)
-            pk, rk = p[keep], r[keep]
-            sel = m_img.read(lead, k0, k1) > 0 if m_img is not None else np.ones(pk.shape, bool)
-            diff = pk - rk
-            sse += float(np.sum(diff[sel] ** 2))
-            sae += float(np.sum(np.abs(diff[sel])))
-            ref_sq += float(np.sum(rk[sel] ** 2))
-            count += int(sel.sum())
-            if s_img is not None:
-                s = s_img.read(lead, k0, k1) / scale
-                covered += int(np.sum((np.abs(diff) <= 2 * s)[sel]))
-                cov_n += int(sel.sum())
-            # 3D SSIM: the map needs `margin` planes of context; skimage crops `margin` at every border.
-            if three_d:
-                full = metrics.ssim_map(p, r)[keep]
-                zs = np.arange(k0, k1)
-                zsel = (zs >= margin) & (zs < depth - margin)
-                inner = full[zsel][:, margin:-margin, margin:-margin]
-                ssim_sum += float(inner.sum(dtype=np.float64))
-                ssim_n += inner.size
-            for j in range(pk.shape[0]):
-                row = {"lead": list(lead), "z": k0 + j}
-                mse = float(np.mean((pk[j] - rk[j]) ** 2))
-                row["psnr"] = metrics.psnr_from_mse(mse)
-                m2 = metrics.ssim_map(pk[j], rk[j])
-                crop = tuple(slice(metrics.SSIM_MARGIN, max(metrics.SSIM_MARGIN, n - metrics.SSIM_MARGIN)) for n in m2.shape)
-                row["ssim"] = float(m2[crop].mean(dtype=np.float64))
-                if ms_ssim:
-                    row["ms_ssim"] = metrics.ms_ssim_2d(pk[j], rk[j], 0.0, 1.0)
-                rows.append(row)
+    for part in parts:
+        sse += part["sse"]
+        sae += part["sae"]
+        ref_sq += part["ref_sq"]
+        count += part["count"]
+        covered += part["covered"]
+        cov_n += part["cov_n"]
+        ssim_sum += part["ssim_sum"]
+        ssim_n += part["ssim_n"]
+        rows.extend(part["rows"])
     if count == 0:
         raise UserError(f"mask {mask} selects no voxel; give a mask with foreground")
-    result = {
-        "prediction": str(pred),
-        "reference": str(ref),
-        "range_rule": mode,
-        "normalisation": {"offset": offset, "scale": scale},
+    result.update({
         "voxels": count,
         "psnr": metrics.psnr_from_mse(sse / count),
         "nrmse": math.sqrt(sse) / math.sqrt(ref_sq) if ref_sq else float("nan"),
         "mae": sae / count * scale,  # in the reference's intensity units
         "ssim_3d": ssim_sum / ssim_n if ssim_n else None,
-    }
+    })
     for key in ("psnr", "ssim", "ms_ssim"):
         values = np.array([row[key] for row in rows if key in row], np.float64)
         values = values[np.isfinite(values)]
         if values.size:
             result[f"slice_{key}_median"] = float(np.median(values))
             result[f"slice_{key}_mean"] = float(np.mean(values))
-    if s_img is not None:
+    if calibrate:
         result["calibration_2std"] = covered / cov_n
-    result["seam_ratio"] = seam_check(pred, level=level)
-    if per_slice_csv:
-        write_rows(per_slice_csv, rows)
-    result["slices"] = rows
-    return result
+    return rows
 
 
 def write_rows(path, rows):
@@ -199,14 +271,17 @@ def write_rows(path, rows):
 
 
 def compare(methods: dict[str, str], reference, *, level=0, metric="psnr", mode="percentile",
-            block_planes=DEFAULT_BLOCK_PLANES) -> dict:
-    """Per-slice metric distributions of several methods against one reference, with Mood's median test per pair."""
+            block_planes=DEFAULT_BLOCK_PLANES, cluster=None, workers=None, progress=False, echo=print) -> dict:
+    """Per-slice metric distributions of several methods against one reference, with Mood's median test per pair;
+    every method is evaluated on the same `cluster` (see evaluate)."""
     if len(methods) < 2:
         raise UserError("--compare needs at least two methods; give two or more restored images")
-    results = {
-        name: evaluate(path, reference, level=level, mode=mode, block_planes=block_planes, ms_ssim=metric == "ms_ssim")
-        for name, path in methods.items()
-    }
+    with cluster_client(cluster, workers, echo=echo) as client:
+        results = {
+            name: evaluate(path, reference, level=level, mode=mode, block_planes=block_planes,
+                           ms_ssim=metric == "ms_ssim", cluster=client, progress=progress)
+            for name, path in methods.items()
+        }
     samples = {name: np.array([row[metric] for row in r["slices"]]) for name, r in results.items()}
     return {
         "metric": metric,

@@ -30,6 +30,7 @@ def _pyplot():
 
 
 def comparison_boxplot(samples: dict[str, list[float]], metric: str, path, moods=None) -> None:
+    """A box plot of each method's per-slice metric (with Mood's median test p-values in the title when given)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(samples), 3.6), dpi=120)
     names = list(samples)
@@ -46,6 +47,7 @@ def comparison_boxplot(samples: dict[str, list[float]], metric: str, path, moods
 
 
 def reliability_plot(predicted, observed, path) -> None:
+    """Observed RMS error against predicted std per bin, with the diagonal a calibrated uncertainty follows."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=120)
     top = float(np.nanmax([np.nanmax(predicted), np.nanmax(observed)]))
@@ -91,6 +93,33 @@ def _scale_bar(ax, width_px, pixel_size, unit):
             color="white", ha="center", va="top", fontsize=7)
 
 
+def _view_rows(volumes, views, zc):
+    """Per image, the 2D planes of every requested view in order; and the views' names."""
+    shape = volumes[0][0].shape
+    rows, view_names = [[] for _ in volumes], []
+    for kind in views:
+        view_names += {"slices": [f"z = {zc}"], "ortho": ["xy", "xz", "yz"], "mip": ["MIP z", "MIP y", "MIP x"]}[kind]
+        for row, (v, _, _) in zip(rows, volumes):
+            if kind == "slices":
+                row.append(np.asarray(v[zc], np.float64))
+            elif kind == "ortho":
+                row += [np.asarray(v[zc], np.float64), np.asarray(v[:, shape[1] // 2, :], np.float64),
+                        np.asarray(v[:, :, shape[2] // 2], np.float64)]
+            else:
+                row += [np.asarray(v.max(axis=a).compute(), np.float64) for a in (0, 1, 2)]
+    return rows, view_names
+
+
+def _panel(ax, img, lo, hi, title, ylabel, aspect="auto"):
+    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect=aspect)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+
+
 def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None, percentiles=(0.5, 99.8),
            contrast_from=0, own_contrast=()) -> Path:
     """Draw the same slice (or orthogonal views, or MIPs) of several images side by side with one contrast.
@@ -118,17 +147,7 @@ def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None
         raise UserError(f"slice z={zc} is outside 0..{shape[0] - 1}; choose another --z")
     if not 0 <= contrast_from < len(paths):
         raise UserError(f"contrast_from={contrast_from} is not an image index 0..{len(paths) - 1}")
-    rows, view_names = [[] for _ in volumes], []
-    for kind in views:
-        view_names += {"slices": [f"z = {zc}"], "ortho": ["xy", "xz", "yz"], "mip": ["MIP z", "MIP y", "MIP x"]}[kind]
-        for row, (v, _, _) in zip(rows, volumes):
-            if kind == "slices":
-                row.append(np.asarray(v[zc], np.float64))
-            elif kind == "ortho":
-                row += [np.asarray(v[zc], np.float64), np.asarray(v[:, shape[1] // 2, :], np.float64),
-                        np.asarray(v[:, :, shape[2] // 2], np.float64)]
-            else:
-                row += [np.asarray(v.max(axis=a).compute(), np.float64) for a in (0, 1, 2)]
+    rows, view_names = _view_rows(volumes, views, zc)
     # The yz and MIP-x panels are (z, y): their width runs along y.
     width_axis = [1 if name in ("yz", "MIP x") else 2 for name in view_names]
 
@@ -137,30 +156,18 @@ def panels(paths, out, *, level=0, view="slices", z=None, titles=None, zoom=None
 
     shared = contrast(rows[contrast_from])  # one contrast for all panels, so intensities compare directly
     plt = _pyplot()
-    ncol = len(paths)
-    nrow = len(rows[0]) + (1 if zoom else 0)
+    ncol, nrow = len(paths), len(rows[0]) + (1 if zoom else 0)
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.6 * nrow), dpi=110, squeeze=False)
     names = titles or [Path(p).name.replace(".ome.zarr", "") for p in paths]
     for j, (row, (_, scale, unit)) in enumerate(zip(rows, volumes)):
         lo, hi = contrast(row) if j in own_contrast else shared
         for i, img in enumerate(row):
-            ax = axes[i][j]
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(names[j] + (" (own contrast)" if j in own_contrast else ""), fontsize=9)
-            if j == 0:
-                ax.set_ylabel(view_names[i], fontsize=8)
-            _scale_bar(ax, img.shape[1], scale[width_axis[i]], unit)
+            title = (names[j] + (" (own contrast)" if j in own_contrast else "")) if i == 0 else None
+            _panel(axes[i][j], img, lo, hi, title, view_names[i] if j == 0 else None)
+            _scale_bar(axes[i][j], img.shape[1], scale[width_axis[i]], unit)
         if zoom:
             y0, y1, x0, x1 = zoom
-            ax = axes[-1][j]
-            ax.imshow(row[0][y0:y1, x0:x1], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel("zoom", fontsize=8)
+            _panel(axes[-1][j], row[0][y0:y1, x0:x1], lo, hi, None, "zoom" if j == 0 else None, aspect="equal")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Image quality numbers on numpy arrays: PSNR/SSIM/MS-SSIM/NRMSE/MAE, Mood's median test, calibration, seams, residual checks."""
+"""Image quality numbers on numpy arrays: PSNR/SSIM/MS-SSIM/NRMSE/MAE, percentiles, Mood's test, calibration, seams, residuals."""
 
 from __future__ import annotations
 
@@ -48,6 +48,42 @@ def blockwise_percentiles(read_blocks, q=PERCENTILES) -> tuple[float, float, tup
     return lo, hi, histogram_percentiles(hist, lo, hi, q)
 
 
+def run_percentiles(read, blocks, q=PERCENTILES, *, client=None, progress=False, what="the image",
+                    total=None) -> tuple[float, float, tuple[float, ...]]:
+    """blockwise_percentiles with one task per block through the blockwise runner (client None: local threads).
+
+    `read(block)` returns a block's data (it is sent to the workers, so it must pickle); `blocks()` yields the blocks
+    and is called twice (min/max, then histograms). Min/max and integer histogram counts do not depend on the order
+    in which tasks end, so the numbers are exactly blockwise_percentiles' over the same blocks.
+    """
+    from volrestore.blockwise.runner import run_blockwise
+
+    lo, hi = float("inf"), float("-inf")
+    hist = np.zeros(HIST_BINS, np.int64)
+
+    def extend(block, extremes):
+        nonlocal lo, hi
+        lo, hi = min(lo, extremes[0]), max(hi, extremes[1])
+
+    def add(block, counts):
+        np.add(hist, counts, out=hist)
+
+    run_blockwise(client, _block_extremes, blocks(), args=(read,), on_result=extend, progress=progress,
+                  what=f"range of {what}", total=total)
+    run_blockwise(client, _block_histogram, blocks(), args=(read, lo, hi), on_result=add, progress=progress,
+                  what=f"histogram of {what}", total=total)
+    return lo, hi, histogram_percentiles(hist, lo, hi, q)
+
+
+def _block_extremes(read, block) -> tuple[float, float]:
+    data = read(block)
+    return float(np.min(data)), float(np.max(data))
+
+
+def _block_histogram(read, lo, hi, block) -> np.ndarray:
+    return reference_histogram(read(block), lo, hi)
+
+
 def normalisation(ref: np.ndarray, mode: str = "percentile") -> tuple[float, float]:
     """(offset, range) that map the reference to [0, 1]: percentile (0.1–99.9, default) or the raw min–max."""
     ref = np.asarray(ref, dtype=np.float64)
@@ -59,6 +95,7 @@ def normalisation(ref: np.ndarray, mode: str = "percentile") -> tuple[float, flo
 
 
 def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
+    """PSNR in dB of a mean squared error at the given data range (inf for a perfect match)."""
     return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
 
 
@@ -77,6 +114,7 @@ def nrmse(pred, ref) -> float:
 
 
 def mae(pred, ref) -> float:
+    """Mean absolute error."""
     return float(np.mean(np.abs(np.asarray(pred, np.float64) - np.asarray(ref, np.float64))))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -12,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import zarr
 
-from volrestore import __version__
+from volrestore.provenance import __version__, command_line
 from volrestore.errors import UserError
 
 AXIS_ORDER = "tczyx"
@@ -32,6 +31,8 @@ VERSIONS = ("0.4", "0.5")
 
 @dataclass(frozen=True)
 class Axis:
+    """One NGFF axis: name (t, c, z, y or x), type (time, channel, space) and unit."""
+
     name: str
     type: str | None = None
     unit: str | None = None
@@ -42,6 +43,8 @@ class Axis:
 
 @dataclass(frozen=True)
 class LevelInfo:
+    """One pyramid level: its array path, shape, dtype, chunks, shards and physical scale/translation per axis."""
+
     path: str
     shape: tuple[int, ...]
     dtype: str
@@ -53,6 +56,8 @@ class LevelInfo:
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """An OME-Zarr image's validated metadata: version, axes, levels, channel names, volrestore provenance."""
+
     path: str
     version: str
     axes: list[Axis]
@@ -70,10 +75,6 @@ class ImageInfo:
     def spatial_axes(self) -> list[str]:
         return [a.name for a in self.axes if a.name in "zyx"]
 
-    @property
-    def ndim(self) -> int:
-        return len(self.axes)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -82,26 +83,10 @@ class ImageInfo:
 
 
 def read_info(path) -> ImageInfo:
-    """Read and validate the metadata of an OME-Zarr image (NGFF 0.4 or 0.5)."""
+    """Read and validate the metadata of an OME-Zarr image (NGFF 0.4 or 0.5); UserError, one line, when invalid."""
     group = _open_group(path)
     attrs = group.attrs.asdict()
-    if "ome" in attrs:
-        ome = attrs["ome"]
-        if not isinstance(ome, dict):
-            raise UserError(f"{path}: malformed OME-Zarr metadata ('ome' is not an object); rewrite or reconvert it")
-        version = str(ome.get("version", ""))
-        omero = ome.get("omero")
-    elif "multiscales" in attrs:
-        ome = attrs
-        ms = attrs["multiscales"]
-        version = str(ms[0].get("version", "")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else ""
-        omero = attrs.get("omero")
-    else:
-        raise UserError(f"{path} is a Zarr group without OME-Zarr multiscales metadata; give an OME-Zarr image")
-    if version not in VERSIONS:
-        raise UserError(f"{path}: NGFF version {version or '(missing)'} is not supported; use NGFF 0.4 or 0.5")
-    if "multiscales" not in ome:
-        raise UserError(f"{path} has no multiscales metadata (is it a plate or labels group?); give an image group")
+    ome, version, omero = _ome_attrs(attrs, path)
     try:
         ms = ome["multiscales"][0]
         if not all(isinstance(a, dict) for a in ms["axes"]):
@@ -121,55 +106,66 @@ def read_info(path) -> ImageInfo:
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: malformed multiscales metadata ({error_summary(exc)}); fix the metadata or reconvert") from None
     _check_axes([a.name for a in axes], path)
-
-    level_infos = []
-    for lpath, scale, translation in levels:
-        try:
-            arr = group[lpath]
-        except KeyError:
-            raise UserError(f"{path}: level '{lpath}' listed in multiscales is missing; reconvert the image") from None
-        if not isinstance(arr, zarr.Array) or arr.ndim != len(axes):
-            raise UserError(f"{path}: level '{lpath}' is not a {len(axes)}-D array matching the axes; reconvert it")
-        if any(not s > 0 for s in scale):
-            raise UserError(f"{path}: level '{lpath}' has a non-positive scale {scale}; fix the metadata")
-        level_infos.append(
-            LevelInfo(
-                path=lpath,
-                shape=tuple(int(n) for n in arr.shape),
-                dtype=str(arr.dtype),
-                chunks=tuple(int(n) for n in arr.chunks),
-                shards=tuple(int(n) for n in arr.shards) if getattr(arr, "shards", None) else None,
-                scale=[float(s) for s in scale],
-                translation=[float(t) for t in translation],
-            )
-        )
+    level_infos = [_level_info(group, path, len(axes), *level) for level in levels]
     if not np.issubdtype(np.dtype(level_infos[0].dtype), np.number):
         raise UserError(f"{path}: data type {level_infos[0].dtype} is not numeric; convert it to a numeric type")
-
     channel_names = None
     if isinstance(omero, dict) and isinstance(omero.get("channels"), list):
         labels = [c.get("label") if isinstance(c, dict) else None for c in omero["channels"]]
         if labels and all(isinstance(lbl, str) for lbl in labels):
             channel_names = labels
     provenance = attrs.get("volrestore") if isinstance(attrs.get("volrestore"), dict) else None
-    return ImageInfo(
-        path=str(path),
-        version=version,
-        axes=axes,
-        levels=level_infos,
-        channel_names=channel_names,
-        provenance=provenance,
-        complete=provenance.get("complete") if provenance else None,
-        name=ms.get("name"),
-    )
+    return ImageInfo(path=str(path), version=version, axes=axes, levels=level_infos, channel_names=channel_names,
+                     provenance=provenance, complete=provenance.get("complete") if provenance else None,
+                     name=ms.get("name"))
+
+
+def _ome_attrs(attrs: dict, path) -> tuple[dict, str, Any]:
+    """(the attributes holding multiscales, NGFF version, omero metadata) of 0.5 ('ome' key) or 0.4 (top level)."""
+    if "ome" in attrs:
+        ome = attrs["ome"]
+        if not isinstance(ome, dict):
+            raise UserError(f"{path}: malformed OME-Zarr metadata ('ome' is not an object); rewrite or reconvert it")
+        version, omero = str(ome.get("version", "")), ome.get("omero")
+    elif "multiscales" in attrs:
+        ome, ms = attrs, attrs["multiscales"]
+        version = str(ms[0].get("version", "")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else ""
+        omero = attrs.get("omero")
+    else:
+        raise UserError(f"{path} is a Zarr group without OME-Zarr multiscales metadata; give an OME-Zarr image")
+    if version not in VERSIONS:
+        raise UserError(f"{path}: NGFF version {version or '(missing)'} is not supported; use NGFF 0.4 or 0.5")
+    if "multiscales" not in ome:
+        raise UserError(f"{path} has no multiscales metadata (is it a plate or labels group?); give an image group")
+    return ome, version, omero
+
+
+def _level_info(group, path, ndim: int, lpath: str, scale, translation) -> LevelInfo:
+    try:
+        arr = group[lpath]
+    except KeyError:
+        raise UserError(f"{path}: level '{lpath}' listed in multiscales is missing; reconvert the image") from None
+    if not isinstance(arr, zarr.Array) or arr.ndim != ndim:
+        raise UserError(f"{path}: level '{lpath}' is not a {ndim}-D array matching the axes; reconvert it")
+    if any(not s > 0 for s in scale):
+        raise UserError(f"{path}: level '{lpath}' has a non-positive scale {scale}; fix the metadata")
+    return LevelInfo(path=lpath, shape=tuple(int(n) for n in arr.shape), dtype=str(arr.dtype),
+                     chunks=tuple(int(n) for n in arr.chunks),
+                     shards=tuple(int(n) for n in arr.shards) if getattr(arr, "shards", None) else None,
+                     scale=[float(s) for s in scale], translation=[float(t) for t in translation])
 
 
 def open_level(path, level: int = 0, mode: str = "r") -> zarr.Array:
     """The zarr array of one pyramid level (0 = full resolution); mode="r+" to write into an output."""
     info = path if isinstance(path, ImageInfo) else read_info(path)
-    if not -len(info.levels) <= level < len(info.levels):
-        raise UserError(f"{info.path} has {len(info.levels)} level(s); choose a level from 0 to {len(info.levels) - 1}")
+    check_level(info, level)
     return zarr.open_group(info.path, mode=mode)[info.levels[level].path]
+
+
+def check_level(info: ImageInfo, level) -> None:
+    """UserError unless `level` is one of the image's pyramid levels (0 = full resolution)."""
+    if not (isinstance(level, int) and 0 <= level < len(info.levels)):
+        raise UserError(f"{info.path} has {len(info.levels)} level(s); choose --level from 0 to {len(info.levels) - 1}")
 
 
 def open_image(path, level: int = 0):
@@ -255,7 +251,7 @@ def make_provenance(parameters: dict | None = None, command: str | None = None) 
     """A provenance record for attrs["volrestore"]; `complete` stays False until set_complete."""
     return {
         "version": __version__,
-        "command": command or " ".join(["volrestore", *sys.argv[1:]]),
+        "command": command or command_line(),
         "parameters": dict(parameters or {}),
         "complete": False,
     }
@@ -333,28 +329,12 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
     """
     axes = [a if isinstance(a, Axis) else _parse_axis(a) for a in axes]
     axes = [Axis(a.name, a.type or AXIS_TYPES.get(a.name), a.unit) for a in axes]
-    names = [a.name for a in axes]
-    ndim = len(axes)
-    _check_axes(names, "create_image")
-    version = str(version)
-    if version not in VERSIONS:
-        raise UserError(f"NGFF version {version} is not supported; use 0.5 or 0.4")
+    names, ndim, version = [a.name for a in axes], len(axes), str(version)
     shape, chunks = _int_tuple(shape, ndim, "shape"), _int_tuple(chunks, ndim, "chunks")
     translation = [0.0] * ndim if translation is None else [float(t) for t in translation]
     scale = [float(s) for s in scale]
-    if len(scale) != ndim or len(translation) != ndim or any(not s > 0 for s in scale):
-        raise UserError(f"scale and translation need {ndim} values (scale > 0); got {scale} and {translation}")
-    if any(n < 1 for n in shape) or any(c < 1 for c in chunks):
-        raise UserError(f"shape {shape} and chunks {chunks} must be positive")
-    if shards is not None:
-        if version != "0.5":
-            raise UserError("sharding needs NGFF 0.5 (zarr v3); drop the shards option or use --ngff 0.5")
-        shards = _int_tuple(shards, ndim, "shards")
-        if any(s % c for s, c in zip(shards, chunks)):
-            raise UserError(f"shards {shards} must be whole multiples of chunks {chunks}; adjust --shards")
-    for a in axes:
-        if a.unit is not None and a.unit not in (SPACE_UNITS if a.type == "space" else TIME_UNITS):
-            raise UserError(f"unit {a.unit!r} of axis {a.name} is not an NGFF unit; use e.g. micrometer or second")
+    shards = None if shards is None else _int_tuple(shards, ndim, "shards")
+    _check_new_image(names, version, shape, chunks, scale, translation, shards, axes)
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.number):
         raise UserError(f"data type {dtype} is not numeric; choose e.g. uint16 or float32")
@@ -368,27 +348,10 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
     check_output_path(path, overwrite=overwrite)
 
     levels = pyramid_levels(shape, axes, scale, translation, n_levels)
-    datasets = [
-        {"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": scl}, {"type": "translation", "translation": trn}]}
-        for i, (_, scl, trn) in enumerate(levels)
-    ]
-    multiscale = {"axes": [a.to_ngff() for a in axes], "datasets": datasets, "name": Path(str(path)).name,
-                  "type": "mean", "metadata": {"method": "volrestore.io.pyramid.build_pyramid", "version": __version__}}
-    ome: dict[str, Any] = {"multiscales": [multiscale]}
-    if channel_names is not None:
-        ome["omero"] = _omero(channel_names, dtype)
-    prov = {**make_provenance(), **(provenance or {}), "complete": False}
-    if version == "0.5":
-        attrs = {"ome": {"version": "0.5", **ome}, "volrestore": prov}
-    else:
-        multiscale["version"] = "0.4"
-        attrs = {**ome, "volrestore": prov}
-
+    attrs = _image_attrs(path, axes, levels, version, channel_names, dtype, provenance)
     if Path(path).exists():  # overwrite was allowed and checked above
         shutil.rmtree(path) if Path(path).is_dir() else os.remove(path)
-    zarr_format = 3 if version == "0.5" else 2
-    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3 if version == "0.5" else 2)
     for i, (shp, _, _) in enumerate(levels):
         lchunks = tuple(min(c, n) for c, n in zip(chunks, shp))
         kwargs: dict[str, Any] = {}
@@ -402,6 +365,70 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
         group.create_array(str(i), shape=shp, dtype=dtype, chunks=lchunks, fill_value=fill_value, **kwargs)
     group.attrs.update(attrs)
     return group
+
+
+def _check_new_image(names, version, shape, chunks, scale, translation, shards, axes) -> None:
+    """UserError for axes, sizes, transforms, shards or units that an NGFF image cannot have."""
+    ndim = len(names)
+    _check_axes(names, "create_image")
+    if version not in VERSIONS:
+        raise UserError(f"NGFF version {version} is not supported; use 0.5 or 0.4")
+    if len(scale) != ndim or len(translation) != ndim or any(not s > 0 for s in scale):
+        raise UserError(f"scale and translation need {ndim} values (scale > 0); got {scale} and {translation}")
+    if any(n < 1 for n in shape) or any(c < 1 for c in chunks):
+        raise UserError(f"shape {shape} and chunks {chunks} must be positive")
+    if shards is not None:
+        if version != "0.5":
+            raise UserError("sharding needs NGFF 0.5 (zarr v3); drop the shards option or use --ngff 0.5")
+        if any(s % c for s, c in zip(shards, chunks)):
+            raise UserError(f"shards {shards} must be whole multiples of chunks {chunks}; adjust --shards")
+    for a in axes:
+        if a.unit is not None and a.unit not in (SPACE_UNITS if a.type == "space" else TIME_UNITS):
+            raise UserError(f"unit {a.unit!r} of axis {a.name} is not an NGFF unit; use e.g. micrometer or second")
+
+
+def _image_attrs(path, axes, levels, version, channel_names, dtype, provenance) -> dict:
+    """The group attributes: NGFF multiscales (and omero) metadata for the version, and volrestore's provenance."""
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": scl}, {"type": "translation", "translation": trn}]}
+        for i, (_, scl, trn) in enumerate(levels)
+    ]
+    multiscale = {"axes": [a.to_ngff() for a in axes], "datasets": datasets, "name": Path(str(path)).name,
+                  "type": "mean", "metadata": {"method": "volrestore.io.pyramid.build_pyramid", "version": __version__}}
+    ome: dict[str, Any] = {"multiscales": [multiscale]}
+    if channel_names is not None:
+        ome["omero"] = _omero(channel_names, dtype)
+    prov = {**make_provenance(), **(provenance or {}), "complete": False}
+    if version == "0.5":
+        return {"ome": {"version": "0.5", **ome}, "volrestore": prov}
+    multiscale["version"] = "0.4"
+    return {**ome, "volrestore": prov}
+
+
+def write_image(path, data, *, axes="zyx", scale=None, translation=None, chunks=None, shards=None, version="0.5",
+                n_levels=1, channel_names=None, provenance=None, overwrite=False) -> ImageInfo:
+    """Write an in-memory array as a complete OME-Zarr image (with `n_levels` pyramid levels); its metadata.
+
+    `axes` are names ("zyx", "czyx", ...) or Axis objects; `scale` defaults to 1 per axis and `chunks` to the
+    array's shape capped at 64 on z and 256 on y and x.
+    """
+    from volrestore.io.pyramid import build_pyramid
+
+    data = np.asarray(data)
+    axes = list(axes)
+    names = [_axis_name(a) for a in axes]
+    if chunks is None:
+        cap = {"z": 64, "y": 256, "x": 256}
+        chunks = [min(n, cap.get(a, 1)) for n, a in zip(data.shape, names)]
+    create_image(path, shape=data.shape, dtype=data.dtype, axes=axes, scale=scale or [1.0] * data.ndim,
+                 translation=translation, chunks=chunks, shards=shards, version=version, n_levels=n_levels,
+                 channel_names=channel_names, provenance=provenance, overwrite=overwrite)
+    open_level(path, 0, mode="r+")[...] = data
+    if n_levels > 1:
+        build_pyramid(path)
+    set_complete(path)
+    return read_info(path)
 
 
 def create_like(info, path, *, dtype=None, chunks=None, shards=None, version=None, n_levels=None,

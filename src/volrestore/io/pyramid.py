@@ -2,38 +2,35 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
-from concurrent.futures import wait as _thread_wait
-
 import numpy as np
 import zarr
 
+from volrestore.blockwise.blocks import grid_blocks, grid_size
+from volrestore.blockwise.runner import run_blockwise
 from volrestore.io.ngff import read_info
 
 
-def build_pyramid(path, client=None, window: int | None = None) -> None:
-    """Fill levels 1..n-1 from level 0, level by level.
+def build_pyramid(path, client=None, window: int | None = None, progress: bool = False) -> None:
+    """Fill levels 1..n-1 from level 0, level by level, on `client` (None: threads of this process).
 
     One task per write-block (shard, else chunk) of level i+1: it reads the matching region of level i, takes
-    the mean over the factor-2 blocks and writes whole chunks, so no two tasks touch the same chunk. Tasks are
-    submitted in bounded waves (`window` in flight) so huge volumes never build a huge graph.
+    the mean over the factor-2 blocks and writes whole chunks, so no two tasks touch the same chunk. The blockwise
+    runner keeps `window` tasks in flight, so huge volumes never build a huge graph.
     """
     info = read_info(path)
     for i in range(len(info.levels) - 1):
         src, dst = info.levels[i], info.levels[i + 1]
         factors = tuple(max(1, round(d / s)) for d, s in zip(dst.scale, src.scale))
         block = dst.shards or dst.chunks
-        grid = [range(-(-n // b)) for n, b in zip(dst.shape, block)]
-        items = ((str(path), src.path, dst.path, idx, block, factors) for idx in np.ndindex(*map(len, grid)))
-        _run_bounded(_downsample_block, items, client, window)
+        run_blockwise(client, _downsample_block, grid_blocks(dst.shape, block),
+                      args=(str(path), src.path, dst.path, factors), window=window, progress=progress,
+                      what=f"pyramid level {i + 1}", total=grid_size(dst.shape, block))
 
 
-
-def _downsample_block(path, src_path, dst_path, index, block, factors) -> None:
+def _downsample_block(path, src_path, dst_path, factors, block) -> None:
     group = zarr.open_group(path, mode="r+")
     src, dst = group[src_path], group[dst_path]
-    dsl = tuple(slice(i * b, min((i + 1) * b, n)) for i, b, n in zip(index, block, dst.shape))
+    dsl = block.write_slices
     out = np.empty([s.stop - s.start for s in dsl], dst.dtype)
     # fill the block piece by piece, each piece reading about one source chunk, so a task holds one output
     # block plus one source chunk rather than the 2^d-times larger source region
@@ -66,30 +63,3 @@ def downsample_mean(data: np.ndarray, factors, out_shape, dtype) -> np.ndarray:
         np.rint(acc, out=acc)
         np.clip(acc, info.min, info.max, out=acc)
     return acc.astype(dtype)
-
-
-
-def _run_bounded(fn, items, client=None, window=None) -> None:
-    """Run fn(*item) for every item with at most `window` tasks in flight, locally (threads) or on a client."""
-    if client is not None:
-        from distributed import wait
-
-        window = window or 4 * max(1, sum(client.nthreads().values()))
-        submit, waiter, executor = (lambda a: client.submit(fn, *a, pure=False)), wait, None
-    else:
-        executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        window = window or 4 * (os.cpu_count() or 1)
-        submit, waiter = (lambda a: executor.submit(fn, *a)), _thread_wait
-    pending = set()
-    try:
-        for item in items:
-            pending.add(submit(item))
-            if len(pending) >= window:
-                done, pending = waiter(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()  # re-raise task errors early
-        for f in waiter(pending).done:
-            f.result()
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)

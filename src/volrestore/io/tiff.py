@@ -83,7 +83,7 @@ def convert(src, out, *, voxel_size=None, unit=None, chunks=None, shards=None, v
                 raise
             raise UserError(f"reading {src} failed ({ngff.error_summary(exc)}); the TIFF may be truncated or corrupt, "
                             "check it and rerun") from None
-    pyramid.build_pyramid(out)
+    pyramid.build_pyramid(out, progress=progress)
     ngff.set_complete(out)
     return ngff.read_info(out)
 
@@ -190,55 +190,54 @@ def _per_axis(axes, zyx) -> tuple[int, ...]:
     return tuple(size.get(a, 1) for a in axes)
 
 def _stream(tif, layout: TiffLayout, out, block, progress) -> None:
-    """Copy level 0 slab by slab. A slab is one write-block deep along t, c and z and spans whole planes; it is
-    filled one z plane at a time into a reused buffer, then written one write-block (chunk or shard) at a time.
-    Peak memory is about one slab plus one block, whatever the stack size."""
-    import itertools
+    """Copy level 0 one write-block (chunk or shard) per task through the blockwise runner, in threads here.
 
+    The TIFF is read in this thread, not in the tasks: its pages hold whole planes (as strips or tiles), so a task
+    reading its own region would decode every plane once per write-block across it and hold whole planes per task.
+    Instead a slab (one write-block deep along t, c and z, whole planes) is read once, one z plane at a time, into
+    a reused buffer, and each of its write-blocks is handed, copied, to a writer thread (compression and storage
+    run in parallel). The runner takes the next block only as one is written, so peak memory is about one slab
+    plus the blocks in flight, whatever the stack size.
+    """
     import zarr
+
+    from volrestore.blockwise.blocks import grid_blocks, grid_size
+    from volrestore.blockwise.runner import run_blockwise
 
     source = zarr.open(tif.series[0].aszarr(), mode="r")  # tifffile's store: a read touches only its pages
     target = ngff.open_level(out, 0, mode="r+")
     axes = layout.axes
+    deep = [i for i, a in enumerate(axes) if a in "tcz"]  # a slab is one block deep along these, whole along y, x
+    buffer = np.empty([min(b, n) if i in deep else n for i, (n, b) in enumerate(zip(target.shape, block))],
+                      target.dtype)
+    staged = {}  # block index -> its data, from this (reading) thread to the writer threads
+
+    def blocks():
+        slab = None
+        for blk in grid_blocks(target.shape, block):  # C order: a slab's blocks come one after another
+            if slab is None or any(blk.write[i] != slab[i] for i in deep):
+                slab = [blk.write[i] if i in deep else (0, n) for i, n in enumerate(target.shape)]
+                buf = buffer[tuple(slice(0, b - a) for a, b in slab)]
+                _read_slab(source, layout, [slice(a, b) for a, b in slab], buf)
+            staged[blk.index] = buf[tuple(slice(w0 - s0, w1 - s0) for (w0, w1), (s0, _) in zip(blk.write, slab))].copy()
+            yield blk
+
+    def write(blk):
+        target[blk.write_slices] = staged[blk.index]
+        del staged[blk.index]  # only once written: a retried write finds its data again
+
+    run_blockwise(None, write, blocks(), progress=progress, what="converting", total=grid_size(target.shape, block))
+
+
+def _read_slab(source, layout: TiffLayout, slab, buf) -> None:
+    """Fill buf with the slab (slices in output axis order) of the TIFF series, one z plane at a time."""
+    axes = layout.axes
     pos = [axes.index(_TIFF_AXES[t]) for t in layout.tiff_axes]  # output position of each tiff axis
     perm = np.argsort(pos)  # tiff order -> output order
     zi = axes.index("z") if "z" in axes else None
-    slab_ranges = [_blocks(n, b) if a in "tcz" else [slice(0, n)] for a, n, b in zip(axes, target.shape, block)]
-    plane_blocks = [_blocks(n, b) if a in "yx" else [None] for a, n, b in zip(axes, target.shape, block)]
-    buffer = np.empty([r[0].stop - r[0].start for r in slab_ranges], target.dtype)
-    slabs = list(itertools.product(*slab_ranges))
-    bar = _progress(progress, len(slabs))
-    for slab in slabs:
-        buf = buffer[tuple(slice(0, s.stop - s.start) for s in slab)]
-        for z in range(slab[zi].start, slab[zi].stop) if zi is not None else [None]:
-            sel = list(slab)
-            if z is not None:
-                sel[zi] = slice(z, z + 1)
-            local = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(sel, slab))
-            buf[local] = np.transpose(source[tuple(sel[p] for p in pos)], perm)
-        for blk in itertools.product(*plane_blocks):
-            where = tuple(s if b is None else b for s, b in zip(slab, blk))
-            target[where] = buf[tuple(slice(w.start - s.start, w.stop - s.start) for w, s in zip(where, slab))]
-        bar()
-
-
-def _blocks(n: int, b: int) -> list[slice]:
-    return [slice(i, min(i + b, n)) for i in range(0, n, b)]
-
-
-def _progress(enabled, total):
-    if not enabled:
-        return lambda: None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    prog = Progress(console=Console(stderr=True), transient=True)
-    prog.start()
-    task = prog.add_task("converting", total=total)
-
-    def advance():
-        prog.advance(task)
-        if prog.tasks[task].finished:
-            prog.stop()
-
-    return advance
+    for z in range(slab[zi].start, slab[zi].stop) if zi is not None else [None]:
+        sel = list(slab)
+        if z is not None:
+            sel[zi] = slice(z, z + 1)
+        local = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(sel, slab))
+        buf[local] = np.transpose(source[tuple(sel[p] for p in pos)], perm)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +32,7 @@ class _CORSHandler(SimpleHTTPRequestHandler):
 
 
 def viewer_links(base_url: str, info: ngff.ImageInfo, name: str) -> dict[str, str]:
+    """URLs of the served image and of neuroglancer and vizarr views of it."""
     url = f"{base_url}/{quote(name)}/"
     protocol = "zarr3" if info.version == "0.5" else "zarr2"
     state = {"layers": [{"type": "image", "source": f"{protocol}://{url}", "name": name}], "layout": "4panel"}
@@ -62,10 +62,3 @@ def open_in_napari(path) -> bool:
     napari.Viewer().open(str(path), plugin="napari-ome-zarr")
     napari.run()
     return True
-
-
-def serve_in_background(path, **kwargs):
-    server, links = serve(path, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, links

@@ -6,10 +6,11 @@ from importlib import resources
 from pathlib import Path
 
 from volrestore.errors import UserError
-from volrestore.model.train import load_checkpoint
+from volrestore.model.checkpoint import load_checkpoint
 
 
 def shipped_dir() -> Path:
+    """The folder of models shipped inside the package."""
     return Path(str(resources.files("volrestore").joinpath("models")))
 
 
@@ -32,6 +33,7 @@ def list_models(dirs=()) -> list[dict]:
 
 
 def describe(path, source: str = "local") -> dict:
+    """One row of `volrestore models`: the checkpoint's preset, size, iterations, training data and hash (or its error)."""
     path = Path(path)
     entry = {"name": path.stem, "source": source, "path": str(path), "size_bytes": path.stat().st_size}
     try:

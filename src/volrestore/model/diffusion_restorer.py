@@ -3,7 +3,6 @@ samples."""
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -14,11 +13,14 @@ from volrestore.model import diffusion as dfn
 from volrestore.model import nets
 from volrestore.model import noise
 from volrestore.errors import UserError
-from volrestore.model.restorers import Restorer, RestorerSpec
-from volrestore.model.train import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
+from volrestore.cluster.client import pin_torch_threads
+from volrestore.config import ModelRef
+from volrestore.model.restorer import RestorerSpec
+from volrestore.model.checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
 
-OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "device": "auto", "compile": False,
-           "normalise": None, "input_range": None}
+OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalise": None, "input_range": None}
+# Options that change how the model runs, not what it computes: not recorded, never block --resume.
+EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
 # "image" (the shipped default model's choice): the image's (background, bright) intensities (`input_range`, measured
 # by the engine: median, and 99.9th percentile after light smoothing) are matched affinely to the training target's
@@ -27,6 +29,7 @@ OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "device":
 
 
 def default_model_path() -> Path:
+    """Where the shipped default model lies inside the package."""
     return Path(str(resources.files("volrestore").joinpath("models", "default.pt")))
 
 
@@ -64,14 +67,15 @@ def _check(objective: str, samples, sampler, steps, std):
         raise UserError("std needs samples >= 2, e.g. --samples 4 --std")
 
 
-def resolve(name: str, **options) -> RestorerSpec:
+def resolve(ref: ModelRef) -> RestorerSpec:
     """Validate a checkpoint ('default' or a .pt path) and options on the client; the spec carries the content hash so
     a worker refuses a file that changed in between, and provenance names the exact model."""
-    options = {k: v for k, v in options.items() if v is not None}  # None = not given on the command line
-    unknown = sorted(set(options) - set(OPTIONS))
+    name, options = ref.name, {k: v for k, v in ref.options.items() if v is not None}
+    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS))
     if unknown:
-        raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join(OPTIONS)}")
-    opts = {**OPTIONS, **options}
+        raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
+    opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
+    extras = {**EXTRAS, **{k: v for k, v in options.items() if k in EXTRAS}}
     opts["normalise"] = opts["normalise"] or ("image" if name == "default" else "model")
     if opts["normalise"] not in ("image", "model"):
         raise UserError(f"--normalise must be image or model, got {opts['normalise']!r}")
@@ -82,18 +86,18 @@ def resolve(name: str, **options) -> RestorerSpec:
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
     spatial_dims = int(ck["preset"]["spatial_dims"])
-    tile, overlap = _default_tile(ck, spatial_dims)
+    tile, overlap = DEFAULT_TILE[spatial_dims]
     return RestorerSpec(
         name=str(path),
+        restorer=DiffusionRestorer,
         options=tuple(sorted({**opts, "model_hash": ck["hash"]}.items())),
-        factory="volrestore.model.diffusion_restorer:DiffusionRestorer",
+        extras=tuple(sorted({**extras, "checkpoint_path": str(path)}.items())),
         spatial_dims=spatial_dims,
         size_multiple=nets.size_multiple(ck["preset"]),
         z_context=int(ck["preset"].get("z_context", 0)),
         outputs=("mean", "std") if opts["std"] else ("mean",),
         default_tile=tile,
         default_overlap=overlap,
-        volatile=("device", "compile"),
     )
 
 
@@ -104,11 +108,7 @@ def resolve(name: str, **options) -> RestorerSpec:
 DEFAULT_TILE = {2: ((512, 512), 32), 3: ((64, 64, 64), 16)}
 
 
-def _default_tile(ck: dict, spatial_dims: int):
-    return DEFAULT_TILE[spatial_dims]
-
-
-class DiffusionRestorer(Restorer):
+class DiffusionRestorer:
     """K samples per tile from the conditional model (DDPM-avg): returns their mean and, with std, their per-voxel
     standard deviation, in the training target's intensity units (equal to the input's for pairs made by degrade).
 
@@ -127,8 +127,8 @@ class DiffusionRestorer(Restorer):
         _check(self.objective, samples, sampler, steps, std)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":  # a fixed thread count keeps results bitwise stable across runs
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        if device == "cpu":
+            pin_torch_threads()
         self.device = torch.device(device)
         self.net = model_from_checkpoint(ck).to(self.device)
         self.spatial_dims, self.size_multiple = self.net.spatial_dims, self.net.size_multiple

@@ -89,14 +89,17 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """Magnitude-preserving SiLU: SiLU scaled back to unit variance for unit-variance input."""
     return F.silu(x) / 0.596  # 0.596 = std of silu(N(0, 1))
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Magnitude-preserving blend (1-t)·a + t·b, rescaled to keep unit variance."""
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Magnitude-preserving concatenation along channels, weighting a and b by (1-t, t) with unit total variance."""
     na, nb = a.shape[1], b.shape[1]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
     return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1)
@@ -278,4 +281,5 @@ def build(preset: str | Path | dict, objective: str | None = None) -> Conditiona
 
 
 def count_params(net: nn.Module) -> int:
+    """Number of trainable parameters."""
     return sum(p.numel() for p in net.parameters())

@@ -4,7 +4,6 @@ workers), stream progress to the client, write the checkpoint."""
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 import uuid
@@ -13,13 +12,16 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
-from volrestore import __version__
+from volrestore.provenance import __version__
 from volrestore.model import nets
 from volrestore.io import ngff
-from volrestore.cluster.client import connect, machine_cores, task_resources
+from volrestore.cluster.client import connect, machine_cores, pin_torch_threads, task_resources
 from volrestore.simulate.degrade import Degradation
 from volrestore.errors import UserError
-from volrestore.model.train import Normalisation, PatchSampler, TrainConfig, check_resumable, load_checkpoint, train
+from volrestore.model.checkpoint import Normalisation, load_checkpoint
+from volrestore.model.patches import PatchSampler
+from volrestore.config import TrainConfig, TrainData
+from volrestore.model.train import check_resumable, resolve_config, train
 
 WORKER_WAIT_S = 120  # how long DDP waits for N suitable workers to join (jobqueue jobs may queue)
 DDP_TIMEOUT_S = 600  # a rank stuck this long at a collective (a peer died) fails instead of hanging forever
@@ -32,19 +34,6 @@ def partial_path(out) -> Path:
     it, so the client only sees it on a filesystem shared with the workers."""
     out = Path(out)
     return out.with_name(out.name + ".partial")
-
-
-def parse_patch(text: str | None) -> tuple[int, ...] | None:
-    """'64x64', '8x64x64', '8,64,64' or '8 64 64' -> a tuple of ints."""
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in re.split(r"[x,\s]+", str(text).strip()) if v)
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise UserError(f"cannot parse --patch {text!r}: give sizes like 64x64 (2D preset) or 16x64x64 (3D preset)")
-    return values
 
 
 class SpatialView:
@@ -64,9 +53,7 @@ class SpatialView:
 def describe_image(path, level: int, role: str) -> dict:
     """Provenance of one training image; UserError for a bad level or several channels / time points."""
     info = ngff.read_info(path)
-    if not 0 <= level < len(info.levels):
-        raise UserError(f"{role} {path} has {len(info.levels)} level(s); choose --level from 0 to "
-                        f"{len(info.levels) - 1}")
+    ngff.check_level(info, level)
     lvl = info.levels[level]
     extra = {a.name: n for a, n in zip(info.axes, lvl.shape) if a.name not in "zyx" and n != 1}
     if extra:
@@ -82,7 +69,7 @@ def describe_image(path, level: int, role: str) -> dict:
 class Job:
     """Everything a rank needs; small and picklable (data are opened by path on the worker, never shipped)."""
 
-    data: dict  # provenance "data": target / input descriptions, degrade spec, patch, global batch, ...
+    data: TrainData
     world: int
     config: TrainConfig
     normalisation: dict
@@ -92,14 +79,14 @@ class Job:
     topic: str
     device: str = "cpu"
 
-    def sampler(self) -> PatchSampler:
-        d = self.data
-        cond = SpatialView(d["input"]["path"], d["input"]["level"]) if d["input"] else None
-        return PatchSampler(SpatialView(d["target"]["path"], d["target"]["level"]), cond,
-                            degrade=Degradation.parse(d["degrade"]) if d["degrade"] else None,
-                            patch=tuple(d["patch"]), batch=d["batch"], seed=d["seed"],
-                            val_fraction=d["val_fraction"], ref=d["photon_reference"],
-                            z_context=d.get("z_context", 0))
+
+def sampler_for(data: TrainData) -> PatchSampler:
+    """The patch sampler over the OME-Zarr images `data` describes."""
+    cond = SpatialView(data.input["path"], data.input["level"]) if data.input else None
+    return PatchSampler(SpatialView(data.target["path"], data.target["level"]), cond,
+                        degrade=Degradation.parse(data.degrade) if data.degrade else None,
+                        patch=tuple(data.patch), batch=data.batch, seed=data.seed, val_fraction=data.val_fraction,
+                        ref=data.photon_reference, z_context=data.z_context)
 
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
@@ -108,9 +95,10 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
-    spec. `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global
-    batch is N·batch, so N workers train exactly what one worker with batch N·batch would. Everything is validated
-    before the cluster starts; nothing is written on a UserError. `cluster` is a spec or a Client.
+    spec. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes. `batch` is per worker: with
+    `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
+    train exactly what one worker with batch N·batch would. Everything is validated before the cluster starts;
+    nothing is written on a UserError. `cluster` is a spec or a Client.
     """
     out, workers = Path(out), 1 if workers is None else workers
     for name, value in (("--workers/--gpus", workers), ("--iterations", iterations), ("--batch", batch),
@@ -118,69 +106,85 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
     preset_cfg = nets.load_preset(preset)
-    defaults = preset_cfg.get("train", {})
-    config = TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr, seed=seed,
-                         **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})).resolved()
+    config = resolve_config(TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr,
+                                        seed=seed, **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})))
     if config.objective not in nets.OBJECTIVES:
         raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
-    batch = batch or int(defaults.get("batch", 8))
+    data, sampler = _training_data(target, input, degrade, level, preset_cfg, patch, batch, workers, val_fraction,
+                                   seed)
+    source, start, norm = _resume_source(out, resume, overwrite, config, data)
+    if source is None:
+        norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
+    provenance = {"version": __version__, "command": command or "", "data": data.model_dump(), "workers": workers}
+    job = Job(data=data, world=workers, config=config, normalisation=norm.to_dict(), provenance=provenance,
+              partial=str(partial_path(out).resolve()), resume=str(Path(source).resolve()) if source else None,
+              topic=f"volrestore-train-{uuid.uuid4().hex}")
+    return _train_on_cluster(job, out, start, cluster, echo, progress)
+
+
+def _training_data(target, input, degrade, level, preset: dict, patch, batch, workers, val_fraction, seed):
+    """(TrainData, its PatchSampler) after checking the images against each other and the preset."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if (input is None) == (degrade is None):
         raise UserError("give either --input LOW.ome.zarr (paired training) or --degrade SPEC, not both or neither")
     deg = Degradation.parse(degrade) if degrade else None
-
     tdesc = describe_image(target, level, "target")
     idesc = describe_image(input, level, "input") if input else None
     if idesc and (idesc["shape"], idesc["voxel_size"]) != (tdesc["shape"], tdesc["voxel_size"]):
         raise UserError(f"input {input} (shape {idesc['shape']}, voxel size {idesc['voxel_size']}) and target "
                         f"{target} (shape {tdesc['shape']}, voxel size {tdesc['voxel_size']}) differ: register "
                         "and resample them onto the same grid")
-    dims = int(preset_cfg["spatial_dims"])
+    dims, defaults = int(preset["spatial_dims"]), preset.get("train", {})
     if dims > len(tdesc["shape"]):
-        raise UserError(f"preset {preset_cfg['name']} is 3D but {target} is 2D ({'x'.join(map(str, tdesc['shape']))}"
+        raise UserError(f"preset {preset['name']} is 3D but {target} is 2D ({'x'.join(map(str, tdesc['shape']))}"
                         f"): use a 2D preset ({', '.join(n for n in nets.preset_names() if '2d' in n)})")
-    patch = tuple(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)))
-    multiple = nets.size_multiple(preset_cfg)
-    if len(patch) != dims or any(p % multiple for p in patch):
-        raise UserError(f"--patch {'x'.join(map(str, patch))} does not fit preset {preset_cfg['name']}: give "
-                        f"{dims} sizes, each a multiple of {multiple}")
+    patch = _patch_for(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)), preset)
+    batch = (batch or int(defaults.get("batch", 8))) * workers
     sampler = PatchSampler(SpatialView(target, level), SpatialView(input, level) if input else None, degrade=deg,
-                           patch=patch, batch=batch * workers, seed=seed, val_fraction=val_fraction,
-                           z_context=nets.z_context(preset_cfg))
-    data = {"target": tdesc, "input": idesc, "degrade": degrade, "photon_reference": sampler.ref,
-            "patch": list(patch), "batch": batch * workers, "val_fraction": val_fraction, "seed": seed,
-            "z_context": nets.z_context(preset_cfg)}
+                           patch=patch, batch=batch, seed=seed, val_fraction=val_fraction,
+                           z_context=nets.z_context(preset))
+    data = TrainData(target=tdesc, input=idesc, degrade=degrade, photon_reference=sampler.ref, patch=list(patch),
+                     batch=batch, val_fraction=float(val_fraction), seed=seed, z_context=nets.z_context(preset))
+    return data, sampler
 
-    source, start, norm = _resume_source(out, resume, overwrite, config, data)
-    if source is None:
-        norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
-    provenance = {"version": __version__, "command": command or "", "data": data, "workers": workers}
-    job = Job(data=data, world=workers, config=config, normalisation=norm.to_dict(), provenance=provenance,
-              partial=str(partial_path(out).resolve()), resume=str(Path(source).resolve()) if source else None,
-              topic=f"volrestore-train-{uuid.uuid4().hex}")
 
+def _train_on_cluster(job: Job, out: Path, start: int, cluster, echo, progress) -> dict:
+    """Run the job's ranks on the cluster and write the checkpoint atomically; the summary."""
     # A local cluster gets one worker per rank, each with its share of the cores for torch's threads.
-    threads = max(1, machine_cores() // workers)
-    with connect(cluster, workers, echo=echo, threads_per_worker=threads) as client:
+    threads = max(1, machine_cores() // job.world)
+    with connect(cluster, job.world, echo=echo, threads_per_worker=threads) as client:
         resources = task_resources(client)
         job = replace(job, device="cuda" if resources else "cpu",
-                      provenance={**provenance, "device": "cuda" if resources else "cpu"})
+                      provenance={**job.provenance, "device": "cuda" if resources else "cpu"})
         t0 = time.perf_counter()
         result = _run(client, job, resources, start, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(result.pop("checkpoint"))
     os.replace(tmp, out)  # atomic: `out` is either the old checkpoint or the new one
-    summary = {"out": str(out), **result, "workers": workers, "device": job.device,
+    summary = {"out": str(out), **result, "workers": job.world, "device": job.device,
                "seconds": round(time.perf_counter() - t0, 3)}
     val = f", val PSNR {summary['val_psnr']:.2f} dB" if summary.get("val_psnr") is not None else ""
-    echo(f"trained {summary['iteration']} iterations (loss {summary['loss']:.4g}{val}) on {workers} "
+    echo(f"trained {summary['iteration']} iterations (loss {summary['loss']:.4g}{val}) on {job.world} "
          f"{job.device} worker(s) -> {out}")
     return summary
 
 
-def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig, data: dict):
+def _patch_for(patch, preset: dict) -> tuple[int, ...]:
+    """The training patch per spatial axis of the preset's network: `--patch Z Y X` (Z 1 for a 2D preset)."""
+    dims, multiple = int(preset["spatial_dims"]), nets.size_multiple(preset)
+    patch = tuple(int(p) for p in patch)
+    if dims == 2 and len(patch) == 3 and patch[0] == 1:
+        patch = patch[1:]
+    if len(patch) != dims or any(p < 1 or p % multiple for p in patch):
+        shape = " ".join(map(str, patch))
+        raise UserError(f"--patch {shape} does not fit preset {preset['name']}: give Z Y X "
+                        f"{'with Z 1 ' if dims == 2 else ''}and sizes that are multiples of {multiple}")
+    return patch
+
+
+def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig, data: TrainData):
     """(checkpoint path or None, its iteration, its Normalisation or None) after the output checks."""
     partial = partial_path(out)
     if out.is_dir():
@@ -197,8 +201,8 @@ def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig
         return None, 0, None  # nothing to continue: a fresh start, as train(resume=True) does
     ck = load_checkpoint(source)
     check_resumable(ck, config, source)
-    theirs = (ck.get("provenance") or {}).get("data") or {}
-    changed = [k for k in data if k != "photon_reference" and theirs.get(k) != data[k]]  # that one is derived
+    theirs, mine = (ck.get("provenance") or {}).get("data") or {}, data.model_dump()
+    changed = [k for k in mine if k != "photon_reference" and theirs.get(k) != mine[k]]  # that one is derived
     if changed:  # resume replays the data by (seed, iteration): other data would silently break that
         raise UserError(f"cannot resume {source}: it was trained with different {', '.join(changed)}; train a new "
                         "model with --overwrite or another --out")
@@ -303,16 +307,16 @@ def _run_rank(job: Job, rank: int, rendezvous: str | None) -> dict | None:
     import torch.distributed as dist
 
     if job.device == "cpu":
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        pin_torch_threads()
     if job.world > 1:
         if job.device == "cuda":
             torch.cuda.set_device(0)  # dask-cuda pins one GPU per worker: it is device 0 here
         dist.init_process_group("nccl" if job.device == "cuda" else "gloo", init_method=f"tcp://{rendezvous}",
                                 rank=rank, world_size=job.world, timeout=timedelta(seconds=DDP_TIMEOUT_S))
     try:
-        sampler = job.sampler()
+        sampler = sampler_for(job.data)
         per = sampler.batch // job.world
-        val = sampler.validation(VAL_PATCHES) if rank == 0 and job.data["val_fraction"] > 0 else None
+        val = sampler.validation(VAL_PATCHES) if rank == 0 and job.data.val_fraction > 0 else None
         ck = train(lambda it: sampler(it, rank * per, (rank + 1) * per), job.partial, job.config,
                    Normalisation.from_dict(job.normalisation), provenance=job.provenance,
                    resume=job.resume or False, val=val, device=job.device,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +125,17 @@ def parse(spec: str) -> Degradation:
 
 
 def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32", overwrite: bool = False,
-                  command: str | None = None, workers: int | None = None) -> dict:
-    """Write a degraded copy of an OME-Zarr image (for evaluation pairs), chunk by chunk with bounded memory.
+                  command: str | None = None, cluster=None, workers: int | None = None, progress: bool = False,
+                  echo=print) -> dict:
+    """Write a degraded copy of an OME-Zarr image (for evaluation pairs), one task per output chunk.
 
     Each output chunk reads its region plus the blur/binning halo, so the result equals a whole-volume degradation
-    except for the noise draws, which are keyed by (seed, chunk origin): the same spec and chunks give the same bytes.
-    Photons are set at the whole image's 99.9th percentile (from a blockwise histogram), as for a single volume.
+    except for the noise draws, which are keyed by (seed, chunk origin): the same spec and chunks give the same bytes
+    wherever the tasks run. Photons are set at the whole image's 99.9th percentile (from chunk histograms), as for a
+    single volume. `cluster`: None runs in threads here; "local", "tcp://host:port" or a Client run on Dask.
     """
-    from itertools import product
-
+    from volrestore.blockwise.blocks import grid_blocks, grid_size
+    from volrestore.blockwise.runner import cluster_client, run_blockwise
     from volrestore.evaluation import metrics
     from volrestore.io import ngff
 
@@ -143,53 +146,89 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     ngff.check_output_path(out, inputs=[src], overwrite=overwrite)
     if dtype not in ("float32", "input"):
         raise UserError(f"--dtype must be float32 or input, got {dtype!r}")
-    source = ngff.open_level(src, level)
     names = info.axis_names
-    spatial = [i for i, n in enumerate(names) if n in "zyx"]
+    spatial = tuple(i for i, n in enumerate(names) if n in "zyx")
     if deg.down > 1 and not {"y", "x"} <= set(names):
         raise UserError("down-sampling needs y and x axes in the image")
-    lvl = info.levels[level]
-    chunks = list(lvl.chunks)
-    for i, n in enumerate(names):
-        if n in "yx" and deg.down > 1:  # binning stays aligned to the global grid when chunks are multiples of d
-            chunks[i] = max(deg.down, chunks[i] // deg.down * deg.down)
-    out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
-    # The reference intensity (the image's 99.9th percentile), read chunk by chunk.
-    blocks = list(product(*(range(-(-n // c)) for n, c in zip(lvl.shape, chunks))))
-    boxes = [tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(b, chunks, lvl.shape)) for b in blocks]
-    _, _, (ref,) = metrics.blockwise_percentiles(lambda: (np.asarray(source[box]) for box in boxes), q=(99.9,))
-
-    halo = list(deg.halo(len(spatial)))
-    for j, i in enumerate(spatial):
-        if names[i] in "yx" and deg.down > 1:  # interpolation back onto the grid needs a neighbour bin
-            halo[j] = -(-max(halo[j], deg.down) // deg.down) * deg.down
-    parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
-    ngff.create_image(out, shape=lvl.shape, dtype=out_dtype, axes=info.axes, scale=lvl.scale,
-                      translation=lvl.translation, chunks=chunks, version=info.version,
-                      channel_names=info.channel_names, provenance=ngff.make_provenance(parameters, command),
-                      overwrite=overwrite)
-    target = ngff.open_level(out, 0, mode="r+")
     psf = deg.psf()
-    for b, box in zip(blocks, boxes):
-        read = list(box)
-        inner = []
-        for j, i in enumerate(spatial):
-            start, stop = max(0, box[i].start - halo[j]), min(lvl.shape[i], box[i].stop + halo[j])
-            read[i] = slice(start, stop)
-            inner.append(slice(box[i].start - start, box[i].start - start + box[i].stop - box[i].start))
-        region = np.asarray(source[tuple(read)], np.float64)
-        lead = [i for i in range(len(names)) if i not in spatial]
-        result = np.empty([box[i].stop - box[i].start for i in range(len(names))], np.float64)
-        for idx in product(*(range(region.shape[i]) for i in lead)):
-            sel = [slice(None)] * len(names)
-            for i, k in zip(lead, idx):
-                sel[i] = k
-            counter = tuple(s.start for s in box) + tuple(idx)
-            noisy = deg(region[tuple(sel)], counter=counter, ref=ref, psf=psf)
-            result[tuple(sel)] = noisy[tuple(inner)]
-        if np.issubdtype(out_dtype, np.integer):
-            limits = np.iinfo(out_dtype)
-            result = np.clip(np.rint(result), limits.min, limits.max)
-        target[box] = result.astype(out_dtype)
+    if psf is not None and psf.ndim > len(spatial):
+        raise UserError(f"PSF has {psf.ndim} dims but the image only {len(spatial)}: use a {len(spatial)}D PSF")
+    lvl = info.levels[level]
+    chunks = _degrade_chunks(deg, names, lvl.chunks)
+    out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
+    total = grid_size(lvl.shape, chunks)
+    parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
+    with cluster_client(cluster, workers, echo=echo) as client:
+        _, _, (ref,) = metrics.run_percentiles(partial(_read_block, str(src), lvl.path),
+                                               lambda: grid_blocks(lvl.shape, chunks), q=(99.9,), client=client,
+                                               progress=progress, what="the clean image", total=total)
+        ngff.create_image(out, shape=lvl.shape, dtype=out_dtype, axes=info.axes, scale=lvl.scale,
+                          translation=lvl.translation, chunks=chunks, version=info.version,
+                          channel_names=info.channel_names, provenance=ngff.make_provenance(parameters, command),
+                          overwrite=overwrite)
+        job = DegradeJob(str(src), lvl.path, str(out), ngff.read_info(out).levels[0].path, deg, ref, spatial,
+                         out_dtype.str)
+        run_blockwise(client, degrade_block, grid_blocks(lvl.shape, chunks, _degrade_halo(deg, names)), args=(job,),
+                      progress=progress, what="degrading", total=total)
     ngff.set_complete(out)
-    return {"output": str(out), "reference_intensity": ref, "blocks": len(blocks)}
+    return {"output": str(out), "reference_intensity": ref, "blocks": total}
+
+
+def _degrade_chunks(deg: Degradation, names, chunks) -> list[int]:
+    """The output chunks: the input's, with y/x a multiple of the binning so bins stay on the global grid."""
+    chunks = list(chunks)
+    for i, n in enumerate(names):
+        if n in "yx" and deg.down > 1:
+            chunks[i] = max(deg.down, chunks[i] // deg.down * deg.down)
+    return chunks
+
+
+def _degrade_halo(deg: Degradation, names) -> list[int]:
+    """Voxels read around a chunk per axis: the PSF's half size; binning needs whole neighbour bins to interpolate."""
+    spatial = [i for i, n in enumerate(names) if n in "zyx"]
+    halo = [0] * len(names)
+    for i, h in zip(spatial, deg.halo(len(spatial))):
+        halo[i] = -(-max(h, deg.down) // deg.down) * deg.down if names[i] in "yx" and deg.down > 1 else h
+    return halo
+
+
+@dataclass(frozen=True)
+class DegradeJob:
+    """What a degrade_block task needs besides its block (small, sent with each task)."""
+
+    src: str
+    src_array: str
+    out: str
+    out_array: str
+    degradation: Degradation
+    ref: float  # intensity that gets `photons` photons
+    spatial: tuple[int, ...]  # the z/y/x axes; every other axis (t, c) is degraded index by index
+    dtype: str
+
+
+def degrade_block(job: DegradeJob, block) -> None:
+    """Degrade one output chunk: read it with its halo, degrade each t/c volume, crop the halo, write the chunk."""
+    import zarr
+
+    region = np.asarray(_read_block(job.src, job.src_array, block), np.float64)
+    lead = [i for i in range(region.ndim) if i not in job.spatial]
+    inner = tuple(block.inner[i] for i in job.spatial)
+    result = np.empty(block.shape, np.float64)
+    for idx in product(*(range(region.shape[i]) for i in lead)):
+        sel = [slice(None)] * region.ndim
+        for i, k in zip(lead, idx):
+            sel[i] = k
+        # the noise of a chunk is keyed by its origin (and t/c index), never by where or when its task runs
+        noisy = job.degradation(region[tuple(sel)], counter=block.origin + tuple(idx), ref=job.ref)
+        result[tuple(sel)] = noisy[inner]
+    dtype = np.dtype(job.dtype)
+    if np.issubdtype(dtype, np.integer):
+        limits = np.iinfo(dtype)
+        result = np.clip(np.rint(result), limits.min, limits.max)
+    zarr.open_group(job.out, mode="r+")[job.out_array][block.write_slices] = result.astype(dtype)
+
+
+def _read_block(path, array_path, block) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_group(path, mode="r")[array_path][block.read_slices])
