@@ -12,8 +12,8 @@ def open(path, level=0):  # noqa: A001 - mirrors xarray/zarr naming on purpose
 
 
 def write_image(path, data, **kwargs):
-    """Write a numpy array as a complete OME-Zarr image; see volrestore.io.ngff.write_image for the options."""
-    from volrestore.io.ngff import write_image as _write_image
+    """Write a numpy array as a complete OME-Zarr image; see volrestore.io.images.write_image for the options."""
+    from volrestore.io.images import write_image as _write_image
 
     return _write_image(path, data, **kwargs)
 

@@ -56,6 +56,7 @@ def grid_counts(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
 
 
 def grid_size(shape: Sequence[int], block: Sequence[int]) -> int:
+    """Number of blocks of size `block` that cover `shape`."""
     return math.prod(grid_counts(shape, block))
 
 
@@ -77,10 +78,12 @@ def grid_blocks(shape, block, halo=None) -> Iterator[Block]:
 
 
 def block_counts(plan):
+    """Blocks per axis of a restore plan."""
     return list(grid_counts(plan.shape, plan.block))
 
 
 def n_blocks(plan) -> int:
+    """Number of write-blocks of a restore plan."""
     return grid_size(plan.shape, plan.block)
 
 
@@ -97,15 +100,18 @@ def iter_blocks(plan, skip_done=False):
 
 
 def done_markers(plan):
+    """Names of the progress markers present (one per finished block; lazily)."""
     for root, _, files in os.walk(plan.progress):
         yield from files
 
 
 def block_box(plan, index):
+    """[(start, stop)] per axis of the region a block writes."""
     return list(grid_block(plan.shape, plan.block, index).write)
 
 
 def mark_done(plan, index):
+    """Record a block as finished (its marker file), after its chunks are written."""
     path = marker_path(plan, index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w"):

@@ -83,6 +83,7 @@ def cluster_client(cluster, workers=None, echo=print):
 
 
 def block_label(block):
+    """How errors and task keys name a block: its index."""
     return block.index if isinstance(block, Block) else block
 
 

@@ -25,6 +25,7 @@ def open_array(run, path, array_path, mode):
 
 
 def finite_block(plan, index):
+    """('ok', 0) when the block's input is finite, else the first bad voxel's position (for the NaN pre-pass)."""
     box = block_box(plan, index)
     data = open_array(plan.run, plan.input, plan.input_array, "r")[tuple(slice(a, b) for a, b in box)]
     if np.isfinite(data).all():
@@ -87,16 +88,22 @@ def restore_block(plan, spec, index):
                 res = result[name].reshape(len(data), *grid.tile_shape)
                 for j, t in enumerate(group):
                     _accumulate(acc[name], res[j], grid, t, lo, hi)
-        for name, arr in outs.items():
-            value = acc[name] / norm
-            dtype = np.dtype(plan.dtype if name == "mean" else "float32")
-            if np.issubdtype(dtype, np.integer):
-                lim = np.iinfo(dtype)
-                value = np.clip(np.rint(value), lim.min, lim.max)
-            arr[_selection(plan, fixed, other, ((d, box[d]) for d in spatial))] = value.astype(dtype)
+        where = _selection(plan, fixed, other, ((d, box[d]) for d in spatial))
+        _write_outputs(plan, outs, acc, norm, where)
     mark_done(plan, index)
     return "restored", n_vox, {"batch": batch, "compute_s": compute_s}
 
+
+
+def _write_outputs(plan, outs: dict, acc: dict, norm, where) -> None:
+    """Write each output's blended sum / summed weight into the block's region, integers rounded and clipped."""
+    for name, arr in outs.items():
+        value = acc[name] / norm
+        dtype = np.dtype(plan.dtype if name == "mean" else "float32")
+        if np.issubdtype(dtype, np.integer):
+            lim = np.iinfo(dtype)
+            value = np.clip(np.rint(value), lim.min, lim.max)
+        arr[where] = value.astype(dtype)
 
 
 def _restore_batch(restorer, data, origins, seed, index, batch):

@@ -259,6 +259,7 @@ def _combine(parts, result, scale, mask, calibrate) -> list[dict]:
 
 
 def write_rows(path, rows):
+    """Write per-slice metric rows as CSV (lead indices joined by '/'); UserError when the path is not writable."""
     path = Path(path)
     try:
         with path.open("w", newline="") as fh:

@@ -283,7 +283,7 @@ def level_factors(shape, axes, scale) -> tuple[int, ...]:
     y and x halve; z halves only while its physical scale stays <= the new lateral scale, so anisotropic stacks
     first become isotropic; axes of size 1 and t/c never change.
     """
-    names = [_axis_name(a) for a in axes]
+    names = [axis_name(a) for a in axes]
     lateral = min(scale[i] * 2 for i, n in enumerate(names) if n in "yx")
     factors = []
     for i, n in enumerate(names):
@@ -313,7 +313,7 @@ def pyramid_levels(shape, axes, scale, translation, n_levels):
 
 def auto_levels(shape, axes, min_side: int = 64) -> int:
     """Default pyramid depth: halve until the smallest lateral (y, x) side is below min_side."""
-    names = [_axis_name(a) for a in axes]
+    names = [axis_name(a) for a in axes]
     side = min(shape[names.index("y")], shape[names.index("x")])
     n = 1
     while side >= min_side:
@@ -406,31 +406,6 @@ def _image_attrs(path, axes, levels, version, channel_names, dtype, provenance) 
     return {**ome, "volrestore": prov}
 
 
-def write_image(path, data, *, axes="zyx", scale=None, translation=None, chunks=None, shards=None, version="0.5",
-                n_levels=1, channel_names=None, provenance=None, overwrite=False) -> ImageInfo:
-    """Write an in-memory array as a complete OME-Zarr image (with `n_levels` pyramid levels); its metadata.
-
-    `axes` are names ("zyx", "czyx", ...) or Axis objects; `scale` defaults to 1 per axis and `chunks` to the
-    array's shape capped at 64 on z and 256 on y and x.
-    """
-    from volrestore.io.pyramid import build_pyramid
-
-    data = np.asarray(data)
-    axes = list(axes)
-    names = [_axis_name(a) for a in axes]
-    if chunks is None:
-        cap = {"z": 64, "y": 256, "x": 256}
-        chunks = [min(n, cap.get(a, 1)) for n, a in zip(data.shape, names)]
-    create_image(path, shape=data.shape, dtype=data.dtype, axes=axes, scale=scale or [1.0] * data.ndim,
-                 translation=translation, chunks=chunks, shards=shards, version=version, n_levels=n_levels,
-                 channel_names=channel_names, provenance=provenance, overwrite=overwrite)
-    open_level(path, 0, mode="r+")[...] = data
-    if n_levels > 1:
-        build_pyramid(path)
-    set_complete(path)
-    return read_info(path)
-
-
 def create_like(info, path, *, dtype=None, chunks=None, shards=None, version=None, n_levels=None,
                 provenance=None, overwrite=False) -> zarr.Group:
     """Create an output with the axes, units, scale, translation and channel names of `info` (ImageInfo or path).
@@ -473,7 +448,8 @@ def _int_tuple(values, ndim, what) -> tuple[int, ...]:
     return values
 
 
-def _axis_name(a) -> str:
+def axis_name(a) -> str:
+    """The name of an axis given as a name, an Axis or an NGFF dict."""
     return a if isinstance(a, str) else a.name if isinstance(a, Axis) else a["name"]
 
 

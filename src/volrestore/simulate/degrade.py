@@ -103,6 +103,7 @@ def _range(text: str) -> tuple[float, float | None]:
 
 
 def crop(x: np.ndarray, halo: tuple[int, ...]) -> np.ndarray:
+    """x without `halo` voxels at both ends of each axis (undoes the context read for the blur)."""
     return x[tuple(slice(h, x.shape[i] - h) for i, h in enumerate(halo))]
 
 
@@ -118,10 +119,6 @@ def _load_psf(path: str) -> np.ndarray:
     if psf.ndim not in (2, 3) or psf.sum() <= 0:
         raise UserError(f"PSF {path} must be a 2D or 3D image with positive sum")
     return psf / psf.sum()
-
-
-def parse(spec: str) -> Degradation:
-    return Degradation.parse(spec)
 
 
 def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32", overwrite: bool = False,
