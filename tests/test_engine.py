@@ -18,6 +18,7 @@ from volrestore import write_image
 from volrestore.io import ngff
 from volrestore.blockwise.blocks import PROGRESS_DIR
 from volrestore.blockwise.restore import restore, std_path
+from volrestore.io.storage import sample_chunks
 
 TILE = ["--tile", 16, 16, 16, "--overlap", 4]
 
@@ -41,7 +42,8 @@ def bitwise(a, b):
 
 
 def run(addr, src, out, *args):
-    result = cli("restore", src, out, "--cluster", addr, *args)
+    model = () if "--model" in args else ("--model", "identity")  # the CLI's default is the shipped model
+    result = cli("restore", src, out, "--cluster", addr, *model, *args)
     assert result.exit_code == 0, (result.output, result.exception)
     return result
 
@@ -178,7 +180,10 @@ def test_kill_process_group_and_resume_is_bitwise(addr, volume, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert ngff.read_info(out).complete is False
-    result = run(addr, a, out, "--model", "test-randcnn", *args, "--resume")  # sleep is an extra: same result
+    # The killed run's lock stays behind: --resume alone names it as stale; --break-lock takes it over.
+    stale = cli("restore", a, out, "--cluster", addr, "--model", "test-randcnn", *args, "--resume")
+    assert stale.exit_code == 2 and "stale lock" in stale.output and "--break-lock" in stale.output, stale.output
+    result = run(addr, a, out, "--model", "test-randcnn", *args, "--resume", "--break-lock")  # sleep: an extra
     skipped = int(result.output.split("resuming")[1].split(":")[1].split()[0])
     assert 4 <= skipped < 45, result.output
     assert ngff.read_info(out).complete
@@ -213,13 +218,15 @@ def test_worker_sigkill_mid_run_completes_identically(volume, tmp_path):
 
 
 def test_failing_block_stops_the_run_naming_it(addr, tmp_path):
-    data = np.ones((8, 16, 32), np.uint16)  # integer input: no NaN pre-pass, the block task meets the damage
+    data = np.ones((8, 16, 16 * 12), np.uint16)  # integer input: no NaN pre-pass, the block task meets the damage
     src = make_image(tmp_path / "in.ome.zarr", data, (8, 16, 16))
-    chunk = tmp_path / "in.ome.zarr" / "0" / "c" / "0" / "0" / "1"
+    assert (0, 0, 4) not in sample_chunks(data.shape, (8, 16, 16))  # the input fingerprint does not read it
+    chunk = tmp_path / "in.ome.zarr" / "0" / "c" / "0" / "0" / "4"
     chunk.write_bytes(b"not a chunk")
     out = tmp_path / "out.ome.zarr"
-    msg = assert_user_error(cli("restore", src, out, "--cluster", addr, *TILE, "--block", 8, 16, 16))
-    assert re.search(r"block \(0, 0, [01]\) failed while restoring after 3 tries: RuntimeError", msg), msg
+    msg = assert_user_error(cli("restore", src, out, "--cluster", addr, "--model", "identity", *TILE,
+                                "--block", 8, 16, 16))
+    assert re.search(r"block \(0, 0, [345]\) failed while restoring after 3 tries: RuntimeError", msg), msg
     assert ngff.read_info(out).complete is False
 
 
@@ -247,11 +254,11 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(addr, volume, tmp_pat
     data, a, _ = volume
     out = tmp_path / "out.ome.zarr"
     cases = [
-        (["--tile", 8, 8, 8, "--overlap", 5], "smaller than twice the overlap"),
+        (["--model", "identity", "--tile", 8, 8, 8, "--overlap", 5], "smaller than twice the overlap"),
         (["--model", "randcnn", "--tile", 15, 16, 16, "--overlap", 4], "use e.g. 14 or 16"),
         (["--model", "identity", "--samples", 4], "does not take option 'samples'"),
         (["--model", "nosuch"], "unknown model"),
-        (["--cluster", "ftp://x"], "unknown --cluster"),
+        (["--model", "identity", "--cluster", "ftp://x"], "unknown --cluster"),
     ]
     for args, message in cases:
         assert_user_error(cli("restore", a, out, *args), out, contains=message)
@@ -259,17 +266,19 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(addr, volume, tmp_pat
     bad = data.copy()
     bad[3, 4, 5] = np.nan
     nan_in = make_image(tmp_path / "nan.ome.zarr", bad, (8, 16, 16))
-    assert_user_error(cli("restore", nan_in, out, "--cluster", addr, *TILE), out, contains="NaN or Inf")
+    assert_user_error(cli("restore", nan_in, out, "--cluster", addr, "--model", "identity", *TILE), out,
+                      contains="NaN or Inf")
     run(addr, nan_in, tmp_path / "filled.ome.zarr", *TILE, "--nan", "fill")
     assert read(tmp_path / "filled.ome.zarr")[3, 4, 5] == 0
 
     wrong = make_image(tmp_path / "m.ome.zarr", np.ones((10, 20, 20), np.uint8), (10, 20, 20), scale=[2, 2, 2])
-    assert_user_error(cli("restore", a, out, "--mask", wrong), out, contains="field of view")
+    assert_user_error(cli("restore", a, out, "--model", "identity", "--mask", wrong), out, contains="field of view")
 
     run(addr, a, out, *TILE)
     before = read(out)
-    assert_user_error(cli("restore", a, out, *TILE), contains="already exists")
-    msg = assert_user_error(cli("restore", a, out, "--tile", 16, 16, 16, "--overlap", 2, "--resume"))
+    assert_user_error(cli("restore", a, out, "--model", "identity", *TILE), contains="already exists")
+    msg = assert_user_error(cli("restore", a, out, "--model", "identity", "--tile", 16, 16, 16, "--overlap", 2,
+                                "--resume"))
     assert "parameter overlap was 4, now 2" in msg
     assert_user_error(cli("restore", a, out, "--model", "gaussian", *TILE, "--resume"), contains="parameter model")
     assert bitwise(read(out), before) and ngff.read_info(out).complete

@@ -1,6 +1,8 @@
 """Command-line interface: thin click commands over the Python API; user errors become one line and exit code 2."""
 
+import os
 import sys
+import time
 
 import click
 
@@ -29,6 +31,48 @@ def main():
     """Restore large 3D fluorescence volumes (OME-Zarr) with a conditional diffusion model on Dask."""
 
 
+# --json summaries (restore, convert, degrade, train): stdout has exactly one JSON object, on one line; every human
+# message (the dashboard link, "wrote ...", warnings) goes to stderr instead, and progress bars always do.
+JSON_HELP = "Print one JSON summary object on stdout (counts, seconds, paths); messages go to stderr."
+
+
+def show_progress() -> bool:
+    """Whether to draw progress bars (always on stderr): VOLRESTORE_PROGRESS=1 or 0 forces them on or off, else
+    they are drawn when stderr is a terminal."""
+    forced = os.environ.get("VOLRESTORE_PROGRESS", "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    return sys.stderr.isatty()
+
+
+def _messages(as_json: bool):
+    """The echo for human messages: stdout, or stderr when stdout carries a --json summary."""
+    return (lambda message="": click.echo(message, err=True)) if as_json else click.echo
+
+
+def _json_value(value):
+    """JSON for what json cannot write itself: numpy scalars and arrays, paths, sets."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _print_summary(command: str, started: float, fields: dict) -> None:
+    """Print a command's --json summary: its name, `fields`, `seconds` (when the command gave none) and the
+    command's wall time `total_seconds`, as one JSON object on one line of stdout."""
+    import json
+
+    wall = round(time.perf_counter() - started, 3)
+    summary = {"command": command, **fields}
+    summary.setdefault("seconds", wall)
+    summary["total_seconds"] = wall
+    click.echo(json.dumps(summary, default=_json_value))
+
+
 # Commands are added below, one block per stage; keep each thin and call the Python API.
 
 
@@ -40,10 +84,20 @@ def cluster_group():
 @cluster_group.command("job-script")
 @click.argument("config", type=click.Path(dir_okay=False))
 def cluster_job_script(config):
-    """Print the batch script dask-jobqueue would submit for CONFIG (a jobqueue YAML), without submitting it."""
+    """Print the batch script dask-jobqueue would submit for CONFIG (a jobqueue YAML, or a packaged one by name such
+    as slurm-gpu.yaml; see `volrestore cluster configs`), without submitting it."""
     from volrestore.cluster.jobqueue import job_script
 
     click.echo(job_script(config), nl=False)
+
+
+@cluster_group.command("configs")
+def cluster_configs():
+    """List the cluster YAMLs shipped with volrestore (usable by name: --cluster slurm-gpu.yaml)."""
+    from volrestore.cluster.jobqueue import find_config, packaged_configs
+
+    for name in packaged_configs():
+        click.echo(f"{name}\t{find_config(name)}")
 
 
 # --- ngff / convert: OME-Zarr inspection and TIFF conversion -------------------------------------------------
@@ -79,13 +133,21 @@ def info_cmd(path, as_json):
 @click.option("--levels", type=click.IntRange(min=1), default=None,
               help="Pyramid levels [until the smallest lateral side is below 64].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def convert_cmd(src, out, voxel_size, unit, chunks, shards, version, levels, overwrite):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def convert_cmd(src, out, voxel_size, unit, chunks, shards, version, levels, overwrite, as_json):
     """Convert a TIFF / OME-TIFF / ImageJ TIFF stack SRC into the OME-Zarr image OUT, streaming plane by plane."""
     from volrestore.io.tiff import convert
 
+    started = time.perf_counter()
     info = convert(src, out, voxel_size=voxel_size, unit=unit, chunks=chunks, shards=shards, version=version,
-                   n_levels=levels, overwrite=overwrite, progress=sys.stderr.isatty(), command=command_line())
-    _print_info(info)
+                   n_levels=levels, overwrite=overwrite, progress=show_progress(), command=command_line())
+    if as_json:
+        level0 = info.levels[0]
+        _print_summary("convert", started, {"input": src, "output": out, "shape": level0.shape,
+                                            "dtype": level0.dtype, "levels": len(info.levels),
+                                            "image": info.to_dict()})
+    else:
+        _print_info(info)
 
 
 def _print_info(info):
@@ -117,8 +179,9 @@ def _print_info(info):
 @main.command("restore")
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="OUT")
-@click.option("--model", default="identity", show_default=True,
-              help="identity | gaussian[:sigma=1] | randcnn[:k=v] | default | CHECKPOINT.pt; options as NAME:k=v,...")
+@click.option("--model", default="default", show_default=True,
+              help="default (the shipped diffusion model) | CHECKPOINT.pt | gaussian[:sigma=1] | randcnn[:k=v] | "
+                   "identity (copies IN); options as NAME:k=v,...")
 @click.option("--level", default=0, show_default=True, help="Input pyramid level to restore (0 = full resolution).")
 @click.option("--tile", nargs=3, type=int, default=None, metavar="Z Y X", help="Tile size (default: the model's).")
 @click.option("--overlap", type=int, default=None, help="Overlap between neighbouring tiles, voxels per side.")
@@ -127,7 +190,9 @@ def _print_info(info):
 @click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML file")
 @click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into OUT, skipping finished blocks.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (it stays as it was until the new one is "
+                                                "complete).")
+@click.option("--break-lock", is_flag=True, help="Take over OUT's lock when its owner is no longer running (stale).")
 @click.option("--mask", default=None, metavar="MASK", help="Foreground mask image; blocks without foreground are 0.")
 @click.option("--dtype", type=click.Choice(["float32", "input"]), default="float32", show_default=True,
               help="Output data type: float32, or the input's (rounded and clipped).")
@@ -143,7 +208,8 @@ def _print_info(info):
 @click.option("--normalise", type=click.Choice(["image", "model"]), default=None,
               help="Model option (diffusion): map this image's 0.1-99.9 percentiles onto the training data's "
                    "(image; the default model's default) or use the checkpoint's own intensity map (model).")
-def restore_command(src, out, tile, chunks, block, **kwargs):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def restore_command(src, out, tile, chunks, block, as_json, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""
     from volrestore.blockwise.restore import restore
 
@@ -151,8 +217,11 @@ def restore_command(src, out, tile, chunks, block, **kwargs):
         return list(values) if values else None
 
     kwargs["std"] = kwargs["std"] or None  # an unset flag is not a model option (simple models reject it)
-    restore(src, out, tile=spatial(tile), chunks=spatial(chunks), block=spatial(block),
-            progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
+    started = time.perf_counter()
+    summary = restore(src, out, tile=spatial(tile), chunks=spatial(chunks), block=spatial(block),
+                      progress=show_progress(), command=command_line(), echo=_messages(as_json), **kwargs)
+    if as_json:
+        _print_summary("restore", started, {"input": src, "output": out, **summary})
 
 
 def _print_json(data):
@@ -359,12 +428,18 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML")
 @click.option("--workers", "--gpus", "workers", type=int, default=1, show_default=True,
               help="Workers (GPUs) to train on; N > 1 runs DistributedDataParallel, global batch N x --batch.")
-def train_cmd(target, input_, degrade, preset, out, patch, **kwargs):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def train_cmd(target, input_, degrade, preset, out, patch, as_json, **kwargs):
     """Train a restoration model on OME-Zarr data as a task on the Dask cluster and write the checkpoint OUT."""
     from volrestore.model.trainjob import train_image
 
-    train_image(target, out, input=input_, degrade=degrade, preset=preset, patch=list(patch) if patch else None,
-                progress=sys.stderr.isatty(), command=command_line(), echo=click.echo, **kwargs)
+    started = time.perf_counter()
+    summary = train_image(target, out, input=input_, degrade=degrade, preset=preset,
+                          patch=list(patch) if patch else None, progress=show_progress(), command=command_line(),
+                          echo=_messages(as_json), **kwargs)
+    if as_json:
+        _print_summary("train", started, {"target": target, "input": input_, "degrade": degrade, "preset": preset,
+                                          "output": out, **summary})
 
 
 @main.command("models")
@@ -428,11 +503,15 @@ def demo_cmd(outdir, samples, steps, size, threads, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML file")
 @click.option("--workers", type=int, default=None, help="Local worker processes (default: one per core).")
-def degrade_cmd(src, out, spec, level, dtype, overwrite, cluster, workers):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def degrade_cmd(src, out, spec, level, dtype, overwrite, cluster, workers, as_json):
     """Write a degraded copy of the clean image SRC (blur, binning, Poisson + read noise): evaluation pairs."""
     from volrestore.simulate.degrade import degrade_image
 
+    started, echo = time.perf_counter(), _messages(as_json)
     result = degrade_image(src, out, spec, level=level, dtype=dtype, overwrite=overwrite, command=command_line(),
-                           cluster=cluster, workers=workers, progress=sys.stderr.isatty(), echo=click.echo)
-    click.echo(f"wrote {result['output']} ({result['blocks']} chunks; {spec} at reference intensity "
-               f"{result['reference_intensity']:.4g})")
+                           cluster=cluster, workers=workers, progress=show_progress(), echo=echo)
+    echo(f"wrote {result['output']} ({result['blocks']} chunks; {spec} at reference intensity "
+         f"{result['reference_intensity']:.4g})")
+    if as_json:
+        _print_summary("degrade", started, {"input": src, "spec": spec, **result})

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from volrestore.io.storage import sync_box
+
 
 PROGRESS_DIR = ".volrestore-progress"  # inside the output: one empty file per finished write-block
 
@@ -111,7 +113,11 @@ def block_box(plan, index):
 
 
 def mark_done(plan, index):
-    """Record a block as finished (its marker file), after its chunks are written."""
+    """Record a block as finished (its marker file), after its chunks are written: they are fsynced first, so after
+    an OS crash a marker never stands for data that did not reach the disk."""
+    box = block_box(plan, index)
+    for _, image_path, array_path in plan.outputs:
+        sync_box(image_path, array_path, box)
     path = marker_path(plan, index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w"):

@@ -109,6 +109,9 @@ def read_info(path) -> ImageInfo:
     level_infos = [_level_info(group, path, len(axes), *level) for level in levels]
     if not np.issubdtype(np.dtype(level_infos[0].dtype), np.number):
         raise UserError(f"{path}: data type {level_infos[0].dtype} is not numeric; convert it to a numeric type")
+    if np.issubdtype(np.dtype(level_infos[0].dtype), np.complexfloating):  # its imaginary part would be dropped
+        raise UserError(f"{path}: data type {level_infos[0].dtype} is complex; write its real part or magnitude as "
+                        "a float32 image and use that")
     channel_names = None
     if isinstance(omero, dict) and isinstance(omero.get("channels"), list):
         labels = [c.get("label") if isinstance(c, dict) else None for c in omero["channels"]]
@@ -322,10 +325,13 @@ def auto_levels(shape, axes, min_side: int = 64) -> int:
 
 
 def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, shards=None, version="0.5",
-                 n_levels=1, channel_names=None, provenance=None, overwrite=False, fill_value=0) -> zarr.Group:
+                 n_levels=1, channel_names=None, provenance=None, overwrite=False, fill_value=0,
+                 into_folder=False) -> zarr.Group:
     """Create an empty OME-Zarr image with metadata for all n_levels; provenance is stored with complete=False.
 
     Everything is validated before anything is written. `axes` are Axis objects, NGFF dicts or names.
+    `into_folder=True`: `path` is a folder the caller made for it (empty but for hidden files such as an output lock,
+    which are kept); the image is created inside it.
     """
     axes = [a if isinstance(a, Axis) else _parse_axis(a) for a in axes]
     axes = [Axis(a.name, a.type or AXIS_TYPES.get(a.name), a.unit) for a in axes]
@@ -336,8 +342,8 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
     shards = None if shards is None else _int_tuple(shards, ndim, "shards")
     _check_new_image(names, version, shape, chunks, scale, translation, shards, axes)
     dtype = np.dtype(dtype)
-    if not np.issubdtype(dtype, np.number):
-        raise UserError(f"data type {dtype} is not numeric; choose e.g. uint16 or float32")
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise UserError(f"data type {dtype} is not a real number type; choose e.g. uint16 or float32")
     if channel_names is not None:
         channel_names = [str(c) for c in channel_names]
         if "c" not in names or len(channel_names) != shape[names.index("c")]:
@@ -345,13 +351,17 @@ def create_image(path, *, shape, dtype, axes, scale, translation=None, chunks, s
     n_levels = int(n_levels)
     if n_levels < 1:
         raise UserError("the number of pyramid levels must be at least 1")
-    check_output_path(path, overwrite=overwrite)
+    if into_folder:
+        if _looks_like_zarr(Path(path)) or any(not f.name.startswith(".") for f in Path(path).iterdir()):
+            raise UserError(f"output {path} is not empty; choose another path or pass --overwrite")
+    else:
+        check_output_path(path, overwrite=overwrite)
 
     levels = pyramid_levels(shape, axes, scale, translation, n_levels)
     attrs = _image_attrs(path, axes, levels, version, channel_names, dtype, provenance)
-    if Path(path).exists():  # overwrite was allowed and checked above
+    if Path(path).exists() and not into_folder:  # overwrite was allowed and checked above
         shutil.rmtree(path) if Path(path).is_dir() else os.remove(path)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3 if version == "0.5" else 2)
+    group = zarr.open_group(str(path), mode="a" if into_folder else "w", zarr_format=3 if version == "0.5" else 2)
     for i, (shp, _, _) in enumerate(levels):
         lchunks = tuple(min(c, n) for c, n in zip(chunks, shp))
         kwargs: dict[str, Any] = {}
@@ -439,6 +449,29 @@ def _omero(channel_names, dtype) -> dict:
     window = {"min": float(lo), "max": float(hi), "start": float(lo), "end": float(hi)}
     return {"channels": [{"label": n, "color": "FFFFFF", "active": True, "window": window} for n in channel_names],
             "rdefs": {"model": "greyscale"}}
+
+
+def set_omero_windows(path, windows: Sequence[dict]) -> bool:
+    """Merge one display window per channel ({start, end[, min, max]}) into the omero metadata; False without it.
+
+    At creation the windows are the dtype range (no data yet); io.pyramid calls this with data percentiles once
+    the data is final, so viewers (napari-ome-zarr, neuroglancer) open the image with a usable contrast.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = group.attrs.asdict()
+    holder = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+    omero = holder.get("omero")
+    if not isinstance(omero, dict) or not isinstance(omero.get("channels"), list):
+        return False
+    if len(omero["channels"]) != len(windows):
+        raise ValueError(f"{len(windows)} windows for {len(omero['channels'])} omero channels")
+    for channel, window in zip(omero["channels"], windows):
+        channel["window"] = {**channel.get("window", {}), **{k: float(v) for k, v in window.items()}}
+    if holder is attrs:  # NGFF 0.4: omero at the top level
+        group.attrs["omero"] = omero
+    else:
+        group.attrs["ome"] = holder
+    return True
 
 
 def _int_tuple(values, ndim, what) -> tuple[int, ...]:
