@@ -23,7 +23,7 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1):
+def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1, echo=print):
     """(Client, the cluster started for it or None, whether its workers have GPUs) for a --cluster spec.
 
     See `connect` for the specs.
@@ -50,7 +50,7 @@ def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1
 
     if is_jobqueue_spec(spec):
         with dask.config.set(_worker_config(threads_per_worker)):
-            cluster = make_cluster(spec)
+            cluster = make_cluster(spec, echo=echo)  # returns once a worker joined; UserError on failed submissions
         return Client(cluster), cluster, load_spec(spec).gpus > 0
     if spec.startswith("tcp://"):
         try:
@@ -124,20 +124,23 @@ def connect(spec="local", workers: int | None = None, echo=print, threads_per_wo
     cuda         : dask-cuda's LocalCUDACluster: one worker per visible GPU, pinned with CUDA_VISIBLE_DEVICES,
                    advertising the resource GPU=1 that model tasks require.
     tcp://h:port : an existing scheduler; UserError when it cannot be reached within CONNECT_TIMEOUT_S.
-    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file (see volrestore.cluster.jobqueue).
+    FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file, or a packaged one by name
+                   (see volrestore.cluster.jobqueue); returns once its first worker joined, UserError when a job
+                   submission fails or no worker joins within the file's worker_timeout.
+    The dashboard link is echoed only when bokeh is installed (without it the link would be dead).
     """
     from distributed import Client
 
     if isinstance(spec, Client):
         yield spec
         return
-    client, cluster, gpu = _start(spec, workers, threads_per_worker)
+    client, cluster, gpu = _start(spec, workers, threads_per_worker, echo)
     if gpu:
         _GPU_CLIENTS.add(client)
     try:
-        services = client.scheduler_info().get("services", {})
-        link = client.dashboard_link if "dashboard" in services else "not available (install bokeh for it)"
-        echo(f"Dask dashboard: {link}")
+        link = dashboard_link(client)
+        if link:
+            echo(f"Dask dashboard: {link}")
         yield client
     finally:
         # Shutting down must not fail a command whose work is done: on an overloaded machine a worker process can
@@ -149,6 +152,16 @@ def connect(spec="local", workers: int | None = None, echo=print, threads_per_wo
                 cluster.close()
         except TimeoutError:
             echo("warning: the local Dask cluster was slow to shut down (timeout); its processes are being killed")
+
+
+def dashboard_link(client) -> str | None:
+    """The Dask dashboard's address, or None when it would be a dead link: distributed starts its HTTP service
+    without bokeh, but the pages need bokeh (not a dependency of volrestore: `pip install bokeh` adds them)."""
+    from importlib.util import find_spec
+
+    if find_spec("bokeh") is None or "dashboard" not in client.scheduler_info().get("services", {}):
+        return None
+    return client.dashboard_link
 
 
 def is_gpu_cluster(client) -> bool:

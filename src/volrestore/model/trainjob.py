@@ -254,7 +254,8 @@ def _follow(futures, workers, latest: dict, total: int, start: int, progress: bo
 
     columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("it"),
                TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # stderr: stdout carries results (--json) and redirected logs must not fill with bar frames
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
         task = bar.add_task("training", total=total, completed=start, stats="")
         while True:
             for rank, fut in enumerate(futures):
@@ -274,6 +275,7 @@ def _follow(futures, workers, latest: dict, total: int, start: int, progress: bo
                            stats=f"loss {rec['loss']:.4g}  {rec['it_per_s']:.2f} it/s{psnr}")
             time.sleep(0.2)
 
+    from rich.console import Console
 
 # ---- worker side ---------------------------------------------------------------------------------------------------
 
