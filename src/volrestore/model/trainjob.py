@@ -250,6 +250,7 @@ def _pick_workers(client, n: int, resources) -> list[str]:
 
 def _follow(futures, workers, latest: dict, total: int, start: int, progress: bool) -> None:
     """Show a progress bar from rank 0's events until every rank has finished; one line for a failed rank."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("it"),
@@ -275,7 +276,6 @@ def _follow(futures, workers, latest: dict, total: int, start: int, progress: bo
                            stats=f"loss {rec['loss']:.4g}  {rec['it_per_s']:.2f} it/s{psnr}")
             time.sleep(0.2)
 
-    from rich.console import Console
 
 # ---- worker side ---------------------------------------------------------------------------------------------------
 
