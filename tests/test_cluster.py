@@ -34,16 +34,16 @@ def test_cuda_without_the_gpu_extra_names_the_install_command(image, tmp_path, m
 
 
 def test_unknown_cluster_spec_and_bad_jobqueue_file(image, tmp_path):
-    assert_user_error(cli("restore", image, tmp_path / "o.ome.zarr", "--cluster", "kubernetes"), contains="unknown --cluster")
+    assert_user_error(cli("restore", image, tmp_path / "o.ome.zarr", "--model", "identity", "--cluster", "kubernetes"), contains="unknown --cluster")
     bad = tmp_path / "c.yaml"
     bad.write_text("scheduler: condor\ncores: 1\nmemory: 1GB\nwalltime: '00:10:00'\n")
-    assert_user_error(cli("restore", image, tmp_path / "o.ome.zarr", "--cluster", bad), contains="unknown scheduler type")
+    assert_user_error(cli("restore", image, tmp_path / "o.ome.zarr", "--model", "identity", "--cluster", bad), contains="unknown scheduler type")
     assert not (tmp_path / "o.ome.zarr").exists()
 
 
 def test_unreachable_scheduler_times_out_with_a_clear_message(image, tmp_path, monkeypatch):
     monkeypatch.setattr(cluster_client, "CONNECT_TIMEOUT_S", 2)
-    result = cli("restore", image, tmp_path / "o.ome.zarr", "--cluster", "tcp://127.0.0.1:9")
+    result = cli("restore", image, tmp_path / "o.ome.zarr", "--model", "identity", "--cluster", "tcp://127.0.0.1:9")
     assert_user_error(result, contains="cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert not (tmp_path / "o.ome.zarr").exists()
 
