@@ -1,4 +1,5 @@
-"""Validate restore arguments into a Plan (tile grid, write-blocks, output chunks, mask mapping, intensity range)."""
+"""Validate restore arguments into a Plan (tile grid, write-blocks, output chunks, mask mapping, intensity range,
+batch, the precision the input is read in)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from volrestore.blockwise.grid import Grid, validate_tile
-from volrestore.blockwise.blocks import PROGRESS_DIR
+from volrestore.blockwise.blocks import PROGRESS_DIR, progress_group_for
 from volrestore.errors import UserError
 from volrestore.io import ngff
 from volrestore.config import RESULT_FIELDS, ModelRef, RestoreConfig, resolved_path
@@ -39,6 +40,8 @@ class Plan:
     dtype: str
     fill_nan: bool
     mask: tuple | None  # (path, array path, per-spatial-axis (offset, step) mapping image index -> mask index)
+    read_dtype: str = "float32"  # what tiles are read as: "float64" for inputs float32 cannot hold (input_precision)
+    progress_group: int = 1  # write-blocks per progress record (blocks.progress_group_for: > 1 only for huge plans)
 
 
 
@@ -61,10 +64,13 @@ class Prepared:
     config: RestoreConfig
     chunks: list[int]  # output chunks over all axes
     shards: list[int] | None
+    precision: str | None = None  # why a wide input is read as float32 (input_precision), else None
 
     def parameters(self) -> dict:
-        """The result-defining fields of the resolved config, as JSON values (provenance, --resume)."""
-        return self.config.model_dump(mode="json", include=set(RESULT_FIELDS))
+        """The result-defining fields of the resolved config, as JSON values (provenance, --resume), and the
+        input's reduced precision when there is one (recorded, not compared: it follows from input and model)."""
+        fields = self.config.model_dump(mode="json", include=set(RESULT_FIELDS))
+        return {**fields, "input_precision": self.precision} if self.precision else fields
 
 
 def prepare(config: RestoreConfig) -> Prepared:
@@ -79,17 +85,58 @@ def prepare(config: RestoreConfig) -> Prepared:
     grid, tiles, overlap = _tile_grid(config, spec, spatial, [lvl.shape[i] for i in sp_idx])
     chunks_all, shards, blk = _chunks_and_block(config, info, grid, spatial, sp_idx)
     mask_plan = _mask_plan(config.mask, info, config.level, spatial, sp_idx) if config.mask is not None else None
-    resolved = config.model_copy(update={
+    read_dtype, precision = input_precision(lvl.dtype, spec)
+    batch = effective_batch(config.batch, grid)
+    resolved = config.model_copy(update={"batch": batch,
         "input": resolved_path(config.input), "mask": resolved_path(config.mask),
         "model": ModelRef(name=spec.name, options=dict(spec.options)), "tile": tiles, "overlap": overlap,
         "chunks": [chunks_all[i] for i in sp_idx], "block": [blk[i] for i in sp_idx]})
     plan = Plan(
         run=uuid.uuid4().hex, input=config.input, input_array=lvl.path, outputs=(),
         progress=os.path.join(config.output, PROGRESS_DIR), axes=axes, shape=tuple(lvl.shape), block=tuple(blk),
-        grid=grid, seed=config.seed, batch=config.batch,
+        grid=grid, seed=config.seed, batch=batch,
         dtype="float32" if config.dtype == "float32" else lvl.dtype, fill_nan=config.nan == "fill", mask=mask_plan,
+        read_dtype=read_dtype, progress_group=progress_group_for(lvl.shape, blk),
     )
-    return Prepared(plan, spec, info, resolved, chunks_all, shards)
+    return Prepared(plan, spec, info, resolved, chunks_all, shards, precision)
+
+
+def effective_batch(batch: int, grid: Grid) -> int:
+    """Tiles per restorer call: the asked --batch, at most the tiles of the whole grid.
+
+    Every call is padded to exactly this many tiles (the bitwise contract, see blockwise.tasks), so an uncapped
+    `--batch 100000` on a 4-tile volume would allocate 100000 tiles. The cap depends only on the global tile grid,
+    never on blocks, chunks or workers, so results stay bitwise equal across them; a capped run equals one asked
+    for exactly the grid's tile count. The resolved config (and the run's summary) carry the capped value.
+    """
+    return max(1, min(int(batch), grid.n_tiles))
+
+
+# Integer and float types that float32 (24-bit significand) holds exactly; wider ones go through float64.
+_FLOAT32_EXACT = {"bool", "uint8", "int8", "uint16", "int16", "float16", "float32"}
+
+
+def input_precision(dtype: str, spec: RestorerSpec) -> tuple[str, str | None]:
+    """(the dtype tiles are read as, a note for provenance or None), decided from the input's dtype, never its data.
+
+    - complex inputs are refused (a restorer would silently drop the imaginary part);
+    - inputs float32 holds exactly (8/16-bit integers, float16/32) are read as float32, as always;
+    - wider ones (32/64-bit integers, float64) are read as float64 when the restorer class says it takes float64
+      tiles (`takes_float64 = True`, e.g. identity: then `--dtype input` round-trips 32-bit integers bit-exactly,
+      64-bit ones up to 2**48: above that the float64 blending of overlapping tiles can move a value by one);
+    - any other restorer (the networks, gaussian, ...) needs float32: it gets the input rounded to float32 (relative
+      precision 6e-8, below any restoration's error) and the output's provenance records why ("input_precision").
+    """
+    kind = np.dtype(dtype)
+    if np.issubdtype(kind, np.complexfloating):
+        raise UserError(f"the input's data type {kind} is complex; restore its real part or magnitude instead "
+                        "(e.g. convert them into a float32 image)")
+    if kind.name in _FLOAT32_EXACT:
+        return "float32", None
+    if getattr(spec.restorer, "takes_float64", False):
+        return "float64", None
+    return "float32", (f"input {kind.name} read as float32 (24-bit significand): model {spec.name} takes float32 "
+                       "tiles")
 
 
 def _resolve_model(config: RestoreConfig) -> RestorerSpec:

@@ -38,6 +38,9 @@ def finite_block(plan, index):
 def restore_block(plan, spec, index):
     """Read the input this block's tiles need, restore them in batches, blend, write whole chunks, mark done.
 
+    Tiles are `plan.read_dtype` (blockwise.plan.input_precision): float32, or float64 for inputs float32 cannot
+    hold (32/64-bit integers, float64) if the restorer `takes_float64` (identity: `--dtype input` then round-trips
+    them bit-exactly); float32-only restorers get float32, recorded in provenance. Blending is float64 either way.
     Returns (status, voxels, {"batch": tiles per restorer call it settled on, "compute_s": seconds in the model}).
     """
     box = block_box(plan, index)
@@ -61,7 +64,7 @@ def restore_block(plan, spec, index):
     compute_s = 0.0
 
     for fixed in itertools.product(*(range(*box[d]) for d in other)):  # each time point / channel separately
-        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, read))], dtype=np.float32)
+        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, read))], dtype=np.dtype(plan.read_dtype))
         if plan.fill_nan:
             region = np.nan_to_num(region, nan=0.0, posinf=0.0, neginf=0.0)
         acc = {name: np.zeros([b - a for a, b in zip(lo, hi)]) for name in outs}
@@ -101,9 +104,16 @@ def _write_outputs(plan, outs: dict, acc: dict, norm, where) -> None:
         value = acc[name] / norm
         dtype = np.dtype(plan.dtype if name == "mean" else "float32")
         if np.issubdtype(dtype, np.integer):
-            lim = np.iinfo(dtype)
-            value = np.clip(np.rint(value), lim.min, lim.max)
+            value = np.clip(np.rint(value), *integer_limits(dtype))
         arr[where] = value.astype(dtype)
+
+
+def integer_limits(dtype) -> tuple[float, float]:
+    """The float64 clip range of an integer dtype: its limits, or the nearest float64 inside them (the 64-bit types'
+    maxima are not float64 numbers; 2**63 or 2**64 would wrap around when cast)."""
+    lim = np.iinfo(dtype)
+    lo, hi = float(lim.min), float(lim.max)
+    return lo, hi if int(hi) <= lim.max else float(np.nextafter(hi, 0.0))
 
 
 def _restore_batch(restorer, data, origins, seed, index, batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from contextlib import contextmanager
 
@@ -23,6 +24,40 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
+GUARD_ADVICE = ('put the code that starts it under `if __name__ == "__main__":` (Dask starts worker processes '
+                "that re-import the script: without the guard each would start the run again)")
+
+
+def check_spawn_guard() -> None:
+    """Refuse to start local worker processes from a script's top level without the `__main__` guard.
+
+    Worker processes are spawned: each re-imports the main script, so an unguarded script would start the run again
+    in every worker (and hang or fail). Here (the script's process) that is a UserError before anything starts;
+    in a spawned process that is still re-importing the script (multiprocessing's bootstrapping phase) it exits
+    quietly with one line on stderr, so the worker fails fast instead of recursing.
+    """
+    import multiprocessing
+    import re
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        sys.stderr.write(f"error: a volrestore script started a local Dask cluster while being re-imported by a "
+                         f"worker process; {GUARD_ADVICE}\n")
+        raise SystemExit(UserError.exit_code)
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not os.path.isfile(path) or os.path.basename(path) == "__main__.py" or \
+            dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "fork":
+        return  # interactive, -c, python -m pkg (never re-imported) or forked workers
+    frame = sys._getframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_code.co_filename == path):
+        frame = frame.f_back
+    try:
+        guarded = re.search(r"__name__\s*==\s*['\"]__main__['\"]", open(path, errors="replace").read())
+    except OSError:
+        return
+    if frame is not None and not guarded:
+        raise UserError(f"{os.path.basename(path)} starts a local Dask cluster at its top level; {GUARD_ADVICE}")
+
+
 def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1, echo=print):
     """(Client, the cluster started for it or None, whether its workers have GPUs) for a --cluster spec.
 
@@ -37,13 +72,22 @@ def _start(spec="local", workers: int | None = None, threads_per_worker: int = 1
     if spec == "local":
         from distributed import LocalCluster
 
+        check_spawn_guard()
         n = workers or max(1, machine_cores() // threads_per_worker)
         with dask.config.set(_worker_config(threads_per_worker)):  # read by the scheduler and nannies as they start
-            cluster = LocalCluster(
-                n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
-            )
+            try:
+                cluster = LocalCluster(
+                    n_workers=n, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
+                )
+            except RuntimeError as exc:  # e.g. a worker that re-imported an unguarded script and stopped there
+                script = getattr(sys.modules.get("__main__"), "__file__", None)
+                if not script or not os.path.isfile(script):
+                    raise
+                raise UserError(f"the local Dask workers failed to start ({exc}); if {os.path.basename(script)} "
+                                f"starts the run outside its main block, {GUARD_ADVICE}") from None
         return Client(cluster), cluster, False
     if spec == "cuda":
+        check_spawn_guard()
         cluster = _cuda_cluster(workers)
         return Client(cluster), cluster, True
     from volrestore.cluster.jobqueue import is_jobqueue_spec, load_spec, make_cluster

@@ -141,12 +141,36 @@ def _training_data(target, input, degrade, level, preset: dict, patch, batch, wo
                         f"): use a 2D preset ({', '.join(n for n in nets.preset_names() if '2d' in n)})")
     patch = _patch_for(patch or defaults.get("patch") or ((8, 64, 64) if dims == 3 else (64, 64)), preset)
     batch = (batch or int(defaults.get("batch", 8))) * workers
+    check_validation_split(tdesc["shape"][-2], patch[-2], val_fraction)
     sampler = PatchSampler(SpatialView(target, level), SpatialView(input, level) if input else None, degrade=deg,
                            patch=patch, batch=batch, seed=seed, val_fraction=val_fraction,
                            z_context=nets.z_context(preset))
     data = TrainData(target=tdesc, input=idesc, degrade=degrade, photon_reference=sampler.ref, patch=list(patch),
                      batch=batch, val_fraction=float(val_fraction), seed=seed, z_context=nets.z_context(preset))
     return data, sampler
+
+
+def check_validation_split(ny: int, patch_y: int, val_fraction: float) -> None:
+    """UserError naming --val-fraction and the values that work when the held-out end of the y axis (the last
+    round(ny * val_fraction) rows, as PatchSampler splits it) or the training part before it is shorter than a patch.
+    A volume smaller than the patch itself is left to PatchSampler's message (use a smaller --patch)."""
+    if val_fraction <= 0 or ny < patch_y:
+        return
+    val_rows = int(round(ny * val_fraction))
+    fits = [k / 1000 for k in range(1, 1000) if min(round(ny * k / 1000), ny - round(ny * k / 1000)) >= patch_y]
+    if val_rows >= patch_y and ny - val_rows >= patch_y:
+        return
+    if not fits:
+        raise UserError(f"volume y size {ny} cannot hold both a training and a validation region of patch y "
+                        f"{patch_y} (--val-fraction {val_fraction}): use --val-fraction 0 (no validation) or a "
+                        "smaller --patch")
+    if val_rows < patch_y:
+        raise UserError(f"--val-fraction {val_fraction} holds out {val_rows} of the volume's {ny} y rows for "
+                        f"validation, fewer than patch y {patch_y}: use --val-fraction {fits[0]:g} or more (up to "
+                        f"{fits[-1]:g}), --val-fraction 0 (no validation) or a smaller --patch")
+    raise UserError(f"--val-fraction {val_fraction} leaves {ny - val_rows} of the volume's {ny} y rows for "
+                    f"training, fewer than patch y {patch_y}: use --val-fraction {fits[-1]:g} or less (from "
+                    f"{fits[0]:g}), --val-fraction 0 (no validation) or a smaller --patch")
 
 
 def _train_on_cluster(job: Job, out: Path, start: int, cluster, echo, progress) -> dict:

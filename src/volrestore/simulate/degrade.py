@@ -124,17 +124,21 @@ def _load_psf(path: str) -> np.ndarray:
 def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32", overwrite: bool = False,
                   command: str | None = None, cluster=None, workers: int | None = None, progress: bool = False,
                   echo=print) -> dict:
-    """Write a degraded copy of an OME-Zarr image (for evaluation pairs), one task per output chunk.
+    """Write a degraded copy of an OME-Zarr image (for evaluation pairs), one task per output chunk (shard).
 
-    Each output chunk reads its region plus the blur/binning halo, so the result equals a whole-volume degradation
-    except for the noise draws, which are keyed by (seed, chunk origin): the same spec and chunks give the same bytes
-    wherever the tasks run. Photons are set at the whole image's 99.9th percentile (from chunk histograms), as for a
-    single volume. `cluster`: None runs in threads here; "local", "tcp://host:port" or a Client run on Dask.
+    Each output chunk (shard when the input is sharded NGFF 0.5) reads its region plus the blur/binning halo, so the
+    result equals a whole-volume degradation except for the noise draws, which are keyed by (seed, block origin):
+    the same spec and layout give the same bytes wherever the tasks run. Photons are set at the whole image's 99.9th
+    percentile (from chunk histograms), as for a single volume. The output keeps the input's layout: its chunks and
+    shards (y/x rounded to a multiple of the binning) and as many pyramid levels as the input has from `level` on,
+    rebuilt from the degraded full resolution (degrading each input level would not give a consistent pyramid).
+    `cluster`: None runs in threads here; "local", "tcp://host:port" or a Client run on Dask; `progress`: bars on
+    stderr.
     """
     from volrestore.blockwise.blocks import grid_blocks, grid_size
     from volrestore.blockwise.runner import cluster_client, run_blockwise
     from volrestore.evaluation import metrics
-    from volrestore.io import ngff
+    from volrestore.io import ngff, pyramid
 
     deg = Degradation.parse(spec)
     info = ngff.read_info(src)
@@ -152,21 +156,25 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
         raise UserError(f"PSF has {psf.ndim} dims but the image only {len(spatial)}: use a {len(spatial)}D PSF")
     lvl = info.levels[level]
     chunks = _degrade_chunks(deg, names, lvl.chunks)
+    shards = _degrade_shards(lvl.shards if info.version == "0.5" else None, chunks)
+    unit = shards or chunks  # a task writes whole shards: two tasks never write into one shard
     out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
-    total = grid_size(lvl.shape, chunks)
+    total = grid_size(lvl.shape, unit)
     parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
     with cluster_client(cluster, workers, echo=echo) as client:
         _, _, (ref,) = metrics.run_percentiles(partial(_read_block, str(src), lvl.path),
                                                lambda: grid_blocks(lvl.shape, chunks), q=(99.9,), client=client,
-                                               progress=progress, what="the clean image", total=total)
+                                               progress=progress, what="the clean image",
+                                               total=grid_size(lvl.shape, chunks))
         ngff.create_image(out, shape=lvl.shape, dtype=out_dtype, axes=info.axes, scale=lvl.scale,
-                          translation=lvl.translation, chunks=chunks, version=info.version,
-                          channel_names=info.channel_names, provenance=ngff.make_provenance(parameters, command),
-                          overwrite=overwrite)
+                          translation=lvl.translation, chunks=chunks, shards=shards, version=info.version,
+                          n_levels=len(info.levels) - level, channel_names=info.channel_names,
+                          provenance=ngff.make_provenance(parameters, command), overwrite=overwrite)
         job = DegradeJob(str(src), lvl.path, str(out), ngff.read_info(out).levels[0].path, deg, ref, spatial,
                          out_dtype.str)
-        run_blockwise(client, degrade_block, grid_blocks(lvl.shape, chunks, _degrade_halo(deg, names)), args=(job,),
+        run_blockwise(client, degrade_block, grid_blocks(lvl.shape, unit, _degrade_halo(deg, names)), args=(job,),
                       progress=progress, what="degrading", total=total)
+        pyramid.build_pyramid(out, client, progress=progress)
     ngff.set_complete(out)
     return {"output": str(out), "reference_intensity": ref, "blocks": total}
 
@@ -178,6 +186,13 @@ def _degrade_chunks(deg: Degradation, names, chunks) -> list[int]:
         if n in "yx" and deg.down > 1:
             chunks[i] = max(deg.down, chunks[i] // deg.down * deg.down)
     return chunks
+
+
+def _degrade_shards(shards, chunks) -> list[int] | None:
+    """The output shards: the input's (None when it has none), each a whole number of the output chunks."""
+    if not shards:
+        return None
+    return [max(1, -(-s // c)) * c for s, c in zip(shards, chunks)]
 
 
 def _degrade_halo(deg: Degradation, names) -> list[int]:
