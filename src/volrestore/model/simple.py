@@ -54,15 +54,16 @@ def check_options(name: str, opts: dict) -> None:
 
 
 class Identity:
-    """Returns the tiles unchanged: rechunking or converting an image through the blockwise engine."""
+    """Returns the tiles unchanged: rechunking or converting an image through the blockwise engine. It takes float64
+    tiles (`takes_float64`: the engine reads 32/64-bit integer and float64 inputs so) and returns them as float64."""
 
-    size_multiple, outputs, z_context = 1, ("mean",), 0
+    size_multiple, outputs, z_context, takes_float64 = 1, ("mean",), 0, True
 
     def __init__(self, dims=3):
         self.spatial_dims = dims
 
     def __call__(self, tiles, origins, seed):
-        return {"mean": tiles.astype(np.float32, copy=True)}
+        return {"mean": tiles.astype(np.float64 if tiles.dtype == np.float64 else np.float32, copy=True)}
 
 
 class Gaussian:
