@@ -125,7 +125,13 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         result = run_cases(tmp)
     print(json.dumps(result, indent=1))
-    if "--record" in sys.argv:
+    if "--record" in sys.argv:  # torch cases go under this CPU's capability (see tests/test_reference.py)
+        import torch
+
+        recorded = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {"any_cpu": {}, "torch_by_cpu": {}}
+        torch_cases = set(next(iter(recorded["torch_by_cpu"].values()), {})) or set(result) - set(recorded["any_cpu"])
+        recorded["any_cpu"].update({k: v for k, v in result.items() if k not in torch_cases})
+        recorded["torch_by_cpu"][torch.backends.cpu.get_cpu_capability()] = {k: result[k] for k in torch_cases}
         REFERENCE.parent.mkdir(exist_ok=True)
-        REFERENCE.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        REFERENCE.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
         print(f"recorded {REFERENCE}")
