@@ -15,6 +15,7 @@ import zarr
 from _io_helpers import assert_user_error, cli
 
 from volrestore import write_image
+from volrestore.blockwise import blocks
 from volrestore.blockwise import lock as lock_module
 from volrestore.blockwise.blocks import PROGRESS_DIR, mark_done
 from volrestore.blockwise.lock import LOCK_NAME, OutputLock, read_lock
@@ -235,4 +236,44 @@ def test_block_chunks_are_fsynced_before_the_marker(tmp_path, monkeypatch):
     mark_done(plan, (0, 0, 1))
     chunk = str(out / "0" / "c" / "0" / "0" / "1")
     assert chunk in synced and str(out / "0" / "c" / "0" / "0") in synced, synced
-    assert (out / PROGRESS_DIR / "0_0" / "1").exists()
+    assert (out / PROGRESS_DIR / "0" / "1").read_text() == "0_0_1\n"  # group 1 of 2, one block each
+
+
+# ----------------------------------------------------------------------------------------------- compact progress
+
+
+def tiny_plan(progress, shape=(4, 4, 8), block=(4, 4, 4), **kw):
+    fields = dict(run="x", input="", input_array="0", outputs=(), progress=str(progress), axes=("z", "y", "x"),
+                  shape=shape, block=block, grid=Grid.build(list(shape), [4, 4, 4], [0, 0, 0], [1, 1, 1], [0, 0, 0]),
+                  seed=0, batch=1, dtype="float32", fill_nan=False, mask=None)
+    return Plan(**{**fields, **kw})
+
+
+def test_progress_records_are_bounded_and_resume_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(blocks, "MAX_PROGRESS_RECORDS", 3)
+    shape, block = (4, 4, 40), (4, 4, 4)  # 10 blocks -> groups of 4: 3 records
+    group = blocks.progress_group_for(shape, block)
+    plan = tiny_plan(tmp_path / "p", shape=shape, block=block, progress_group=group)
+    assert group == 4 and blocks.n_groups(plan) == 3
+    assert [blocks.block_group(plan, (0, 0, i)) for i in range(10)] == [0] * 4 + [1] * 4 + [2] * 2
+    for i in (0, 1, 2, 3, 5, 9):
+        mark_done(plan, (0, 0, i))
+    with open(blocks.marker_path(plan, 2), "a") as f:
+        f.write("0_0_")  # a line cut by a crash counts for nothing
+    records = [f for _, _, files in os.walk(plan.progress) for f in files]
+    assert sorted(records) == ["0", "1", "2"]
+    assert blocks.count_done(plan) == 6
+    assert list(blocks.iter_blocks(plan, skip_done=True)) == [(0, 0, 4), (0, 0, 6), (0, 0, 7), (0, 0, 8)]
+    assert list(blocks.iter_groups(plan, skip_done=True)) == [(0, 0, 4), (0, 0, 8)]  # group 0 is done
+
+
+def test_grouped_progress_restores_the_same_bytes(addr, volume, tmp_path, monkeypatch):
+    _, src = volume
+    ref, out = tmp_path / "ref.ome.zarr", tmp_path / "grouped.ome.zarr"
+    assert cli("restore", src, ref, "--cluster", addr, "--model", "randcnn", *BLOCKS).exit_code == 0
+    monkeypatch.setattr(blocks, "MAX_PROGRESS_RECORDS", 4)  # 45 blocks in groups of 12 (fixed in the plan)
+    result = cli("restore", src, out, "--cluster", addr, "--model", "randcnn", *BLOCKS, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["restored"] == 45 and summary["blocks"] == 45
+    assert read(out).tobytes() == read(ref).tobytes() and ngff.read_info(out).complete

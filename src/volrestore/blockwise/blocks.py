@@ -6,12 +6,16 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
+
+import numpy as np
 
 from volrestore.io.storage import sync_box
 
-
-PROGRESS_DIR = ".volrestore-progress"  # inside the output: one empty file per finished write-block
+PROGRESS_DIR = ".volrestore-progress"  # inside the output: the progress records of finished write-blocks
+# At most this many progress records per run: inode quotas on HPC file systems are 10^6-10^7 per user.
+MAX_PROGRESS_RECORDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -89,22 +93,88 @@ def n_blocks(plan) -> int:
     return grid_size(plan.shape, plan.block)
 
 
-def marker_path(plan, index) -> str:
-    """Marker file of a block: <progress>/<i0>_..._<in-2>/<in-1> (one folder per row keeps folders small)."""
-    return os.path.join(plan.progress, "_".join(map(str, index[:-1])) or "0", str(index[-1]))
+def progress_group_for(shape, block) -> int:
+    """Write-blocks per progress record for a plan (fixed at plan time): 1 until the plan has more than
+    MAX_PROGRESS_RECORDS blocks, then as many as keep the records at that bound (a petabyte plan of 10^8 blocks
+    keeps 10^5 small files, not 10^8)."""
+    return max(1, -(-grid_size(shape, block) // MAX_PROGRESS_RECORDS))
+
+
+def group_size(plan) -> int:
+    """Write-blocks per progress record of a plan."""
+    return getattr(plan, "progress_group", 1)
+
+
+def block_group(plan, index) -> int:
+    """The progress group of a block: consecutive blocks in C order share one record."""
+    return int(np.ravel_multi_index(tuple(index), block_counts(plan))) // group_size(plan)
+
+
+def group_indices(plan, group: int) -> list[tuple[int, ...]]:
+    """The block indices of a progress group, in C order."""
+    size, total = group_size(plan), n_blocks(plan)
+    flat = range(group * size, min((group + 1) * size, total))
+    return [tuple(int(i) for i in np.unravel_index(f, block_counts(plan))) for f in flat]
+
+
+def n_groups(plan) -> int:
+    """Number of progress groups (= progress records when every block is done)."""
+    return -(-n_blocks(plan) // group_size(plan))
+
+
+def marker_path(plan, group: int) -> str:
+    """The progress record of a group: <progress>/<group // 1000>/<group> (folders of at most 1000 records)."""
+    return os.path.join(plan.progress, str(group // 1000), str(group))
+
+
+def done_in_group(plan, group: int) -> set[tuple[int, ...]]:
+    """Blocks of a group recorded done (lines "i0_i1_..."; a line cut by a crash is ignored)."""
+    try:
+        text = Path(marker_path(plan, group)).read_text()
+    except FileNotFoundError:
+        return set()
+    done = set()
+    for line in text.split("\n"):
+        parts = line.split("_")
+        if line and all(p.isdigit() for p in parts) and len(parts) == len(plan.shape):
+            done.add(tuple(int(p) for p in parts))
+    return done
 
 
 def iter_blocks(plan, skip_done=False):
-    """Block indices of a plan in order, generated lazily (never a list of all blocks)."""
-    for index in itertools.product(*map(range, block_counts(plan))):
-        if not (skip_done and os.path.exists(marker_path(plan, index))):
-            yield index
+    """Block indices of a plan in order, generated lazily (never a list of all blocks); with skip_done, those not
+    recorded done (one read per progress record, not one stat per block)."""
+    if not skip_done:
+        yield from itertools.product(*map(range, block_counts(plan)))
+        return
+    for group in range(n_groups(plan)):
+        done = done_in_group(plan, group) if os.path.exists(marker_path(plan, group)) else set()
+        for index in group_indices(plan, group):
+            if index not in done:
+                yield index
 
 
-def done_markers(plan):
-    """Names of the progress markers present (one per finished block; lazily)."""
+def iter_groups(plan, skip_done=False):
+    """The first block index of each progress group (the unit of work of restore tasks), lazily; with skip_done,
+    only groups with a block not recorded done."""
+    size = group_size(plan)
+    if size == 1:
+        yield from iter_blocks(plan, skip_done)
+        return
+    for group in range(n_groups(plan)):
+        indices = group_indices(plan, group)
+        if not skip_done or len(done_in_group(plan, group)) < len(indices):
+            yield indices[0]
+
+
+def count_done(plan) -> int:
+    """Blocks recorded done, from the progress records present (time proportional to the records)."""
+    total = 0
     for root, _, files in os.walk(plan.progress):
-        yield from files
+        for name in files:
+            if name.isdigit():
+                total += len(done_in_group(plan, int(name)))
+    return total
 
 
 def block_box(plan, index):
@@ -118,7 +188,13 @@ def mark_done(plan, index):
     box = block_box(plan, index)
     for _, image_path, array_path in plan.outputs:
         sync_box(image_path, array_path, box)
-    path = marker_path(plan, index)
+    path = marker_path(plan, block_group(plan, index))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w"):
-        pass
+    # One writer per group at a time in practice (its blocks run in order in one task); O_APPEND keeps a rare
+    # duplicate run of the task harmless (a repeated line).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, ("_".join(map(str, index)) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)

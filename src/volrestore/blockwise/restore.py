@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import numpy as np
 
-from volrestore.blockwise.blocks import done_markers, iter_blocks, n_blocks
+from volrestore.blockwise.blocks import (block_box, block_group, count_done, done_in_group, group_indices, group_size,
+                                         iter_blocks, iter_groups, n_blocks)
 from volrestore.blockwise.outputs import RunOutputs, input_fingerprints, std_path
 from volrestore.blockwise.plan import Plan, Prepared, prepare
-from volrestore.blockwise.runner import run_blocks
+from volrestore.blockwise.runner import run_blockwise
 from volrestore.blockwise.tasks import finite_block, restore_block
 from volrestore.cluster.client import connect, task_resources
 from volrestore.config import ModelRef, RestoreConfig
@@ -102,30 +104,47 @@ def _create_outputs(prepared: Prepared, outputs: RunOutputs, command: str | None
 
 
 def _restore_blocks(client, plan: Plan, spec: RestorerSpec, *, resumed: bool, progress: bool, echo) -> dict:
-    """Run restore_block over every block not done yet; the run's summary (counts, voxels/s, settled batch)."""
+    """Run restore_group over every progress group with blocks not done yet; the run's summary (counts, voxels/s,
+    settled batch)."""
     total = n_blocks(plan)
-    skipped = sum(1 for _ in done_markers(plan)) if resumed else 0
+    skipped = count_done(plan) if resumed else 0
     if resumed:
         echo(skipped, total)
-    counts = {"restored": 0, "empty": 0}
-    stats = {"voxels": 0, "compute_s": 0.0, "batch": plan.batch}
+    counts = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch}
 
     def tally(index, result):
-        status, voxels, block_stats = result
-        counts[status] += 1
-        if status == "restored":
-            stats["voxels"] += voxels
-            stats["compute_s"] += block_stats["compute_s"]
-            stats["batch"] = min(stats["batch"], block_stats["batch"])
+        for key in ("restored", "empty", "voxels", "compute_s"):
+            counts[key] += result[key]
+        counts["batch"] = min(counts["batch"], result["batch"])
 
     t0 = time.perf_counter()
     gpu = (task_resources(client) or {}).get("GPU")
-    run_blocks(client, restore_block, (plan, spec), iter_blocks(plan, skip_done=resumed), total - skipped, "restoring",
-               progress, tally, resources={"GPU": gpu / BLOCKS_PER_GPU} if gpu else None)
+    run_blockwise(client, restore_group, iter_groups(plan, skip_done=resumed), args=(plan, spec), on_result=tally,
+                  progress=progress, what="restoring", total=-(-(total - skipped) // group_size(plan)),
+                  resources={"GPU": gpu / BLOCKS_PER_GPU} if gpu else None, key_prefix=f"restore-{plan.run}",
+                  voxels=lambda _, result: result["voxels"])
     seconds = time.perf_counter() - t0
-    return {"blocks": total, "skipped": skipped, **counts, "seconds": round(seconds, 3),
-            "voxels_per_s": stats["voxels"] / seconds if seconds > 0 else 0.0, "batch": stats["batch"],
-            "compute_s": round(stats["compute_s"], 3)}
+    return {"blocks": total, "skipped": skipped, "restored": counts["restored"], "empty": counts["empty"],
+            "seconds": round(seconds, 3), "voxels_per_s": counts["voxels"] / seconds if seconds > 0 else 0.0,
+            "batch": counts["batch"], "compute_s": round(counts["compute_s"], 3)}
+
+
+def restore_group(plan: Plan, spec: RestorerSpec, first) -> dict:
+    """Worker task: restore the blocks of the progress group starting at block `first` that are not recorded done,
+    in order (one block unless the plan is huge, see blocks.group_size); their counts, voxels and settled batch."""
+    group = block_group(plan, first)
+    done = done_in_group(plan, group) if group_size(plan) > 1 else set()
+    result = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch}
+    for index in group_indices(plan, group):
+        if index in done:
+            continue
+        status, voxels, stats = restore_block(plan, spec, index)
+        result[status] += 1
+        if status == "restored":
+            result["voxels"] += voxels
+            result["compute_s"] += stats["compute_s"]
+            result["batch"] = min(result["batch"], stats["batch"])
+    return result
 
 
 def _with_output_arrays(plan, spec, outputs: RunOutputs):
@@ -148,6 +167,8 @@ def _check_finite(client, plan, progress):
         if result[0] != "ok":
             raise UserError(f"the input has NaN or Inf values ({result[0]}); clean it or pass --nan fill to use 0 there")
 
-    run_blocks(client, finite_block, (plan,), iter_blocks(plan), n_blocks(plan), "checking for NaN/Inf", progress, check)
+    run_blockwise(client, finite_block, iter_blocks(plan), args=(plan,), on_result=check, progress=progress,
+                  what="checking for NaN/Inf", total=n_blocks(plan), key_prefix=f"finite-{plan.run}",
+                  voxels=lambda index, _: math.prod(b - a for a, b in block_box(plan, index)))
 
 
