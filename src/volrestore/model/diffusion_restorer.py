@@ -168,27 +168,26 @@ class DiffusionRestorer:
         unit = self.norm.input_to_unit((np.asarray(tiles, np.float64) - self.offset) / self.gain)
         if not c:
             unit = unit[:, None]  # (B, 1, *spatial): the condition's channel
-        shape = (tiles.shape[0], *spatial)
-        mean, std = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        # One tile at a time with its K samples as the batch: a convolution's float result can depend on the batch
-        # size (1e-7 on CPU), so a tile's output must not depend on which other tiles share its call.
-        for i, origin in enumerate(origins):
-            cond = torch.from_numpy(unit[i:i + 1]).float().to(self.device)
-            cond = cond.expand(self.samples, *cond.shape[1:])
-            if self.regression:
-                x = self.denoiser(None, 0.0, cond)
-            else:
-                # One global field per (sample, step): overlapping tiles draw the same noise at a shared voxel.
-                box = (1,) * (len(origin) - self.spatial_dims) + spatial
+        n, k = tiles.shape[0], self.samples
+        # All tiles of the call with their K samples as one batch (tile-major), so a GPU sees B·K samples per forward.
+        # A sample's float result depends on the batch's size but not on the other samples' values, and the engine
+        # always calls with exactly --batch tiles: a tile's output does not depend on which tiles share its call.
+        cond = torch.from_numpy(unit).float().to(self.device).repeat_interleave(k, dim=0)
+        if self.regression:
+            x = self.denoiser(None, 0.0, cond)
+        else:
+            # One global field per (sample, step): overlapping tiles draw the same noise at a shared voxel.
+            box = (1,) * (len(origins[0]) - self.spatial_dims) + tuple(spatial)
 
-                def noise_fn(step, shape, origin=origin, box=box):
-                    z = np.stack([noise.field(origin, box, seed, k, step).reshape(shape[2:])
-                                  for k in range(shape[0])])
-                    return torch.from_numpy(z[:, None]).to(self.device)
+            def noise_fn(step, shape):
+                z = np.stack([noise.field(origin, box, seed, sample, step).reshape(shape[2:])
+                              for origin in origins for sample in range(k)])
+                return torch.from_numpy(z[:, None]).to(self.device)
 
-                x = dfn.sample(self.denoiser, cond, self.schedule, noise_fn, self.sampler, self.steps)
-            runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64)) * self.gain + self.offset
-            mean[i] = runs.mean(axis=0)
-            if "std" in self.outputs:
-                std[i] = runs.std(axis=0, ddof=1)
+            x = dfn.sample(self.denoiser, cond, self.schedule, noise_fn, self.sampler, self.steps)
+        runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64)) * self.gain + self.offset
+        runs = runs.reshape(n, k, *spatial)
+        mean = runs.mean(axis=1).astype(np.float32)
+        if "std" in self.outputs:
+            std = runs.std(axis=1, ddof=1).astype(np.float32)
         return {"mean": mean, "std": std} if "std" in self.outputs else {"mean": mean}
