@@ -46,3 +46,35 @@ def _resolver(base):
 
 for _base in simple.CLASSES:
     registry.register(f"test-{_base}", _resolver(_base))
+
+
+# test-failing: identity whose every call raises the error named by `fail` (a build extra), for the one-line reports
+# of block failures (tests/test_runner.py, tests/test_bad_inputs.py).
+FAILURES = {
+    "memory": lambda: MemoryError("test: cannot allocate the tiles"),
+    "disk-full": lambda: OSError(28, "No space left on device", "test-out.ome.zarr/0/c/0/0/0"),
+    "permission": lambda: PermissionError(13, "Permission denied", "test-out.ome.zarr/0/c/0/0/0"),
+    "value": lambda: ValueError("test: broken tile"),
+}
+
+
+class Failing(Hooked):
+    """test-identity that raises FAILURES[fail] on every call."""
+
+    def __init__(self, base="identity", fail="value", **options):
+        super().__init__(base, **options)
+        self.fail = fail
+
+    def __call__(self, tiles, origins, seed):
+        raise FAILURES[self.fail]()
+
+
+def _resolve_failing(ref):
+    fail = ref.options.get("fail", "value")
+    spec = _resolver("identity")(ref.model_copy(update={"options": {k: v for k, v in ref.options.items()
+                                                                    if k != "fail"}}))
+    return RestorerSpec(**{**spec.__dict__, "name": ref.name, "restorer": Failing,
+                           "extras": tuple(sorted({**dict(spec.extras), "fail": fail}.items()))})
+
+
+registry.register("test-failing", _resolve_failing)

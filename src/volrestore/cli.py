@@ -7,11 +7,12 @@ import time
 import click
 
 from volrestore.provenance import __version__, command_line
-from volrestore.errors import UserError
+from volrestore.errors import UserError, file_of, resource_advice
 
 
 class _Group(click.Group):
-    """A click group that turns UserError and bad options (from any command) into one line and exit code 2."""
+    """A click group that turns UserError, bad options and failures of the machine (out of memory, disk full, no
+    permission: see errors.resource_advice) from any command into one line and exit code 2."""
 
     def invoke(self, ctx):
         try:
@@ -22,6 +23,13 @@ class _Group(click.Group):
         except click.UsageError as exc:  # a bad option value: one line too, not click's usage block
             hint = f"see 'volrestore {exc.ctx.info_name} --help'" if exc.ctx else "see 'volrestore --help'"
             click.echo(f"error: {exc.format_message().rstrip('.')}; {hint}", err=True)
+            ctx.exit(UserError.exit_code)
+        except (OSError, MemoryError) as exc:
+            advice = resource_advice(exc)
+            if advice is None:
+                raise
+            where = file_of(exc)
+            click.echo(f"error: {advice}" + (f" (at {where})" if where else ""), err=True)
             ctx.exit(UserError.exit_code)
 
 
@@ -238,7 +246,7 @@ def _print_json(data):
               help="No reference: the degraded input that IMAGE was restored from (residual checks).")
 @click.option("--mask", type=click.Path(), default=None, help="Evaluate only where this mask image is > 0.")
 @click.option("--std", "std", type=click.Path(), default=None, help="Per-voxel std image: uncertainty calibration.")
-@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level to evaluate.")
+@click.option("--level", type=click.IntRange(min=0), default=0, show_default=True, help="Pyramid level to evaluate.")
 @click.option("--range", "mode", type=click.Choice(["percentile", "raw"]), default="percentile", show_default=True,
               help="Data range rule: reference 0.1–99.9 percentiles mapped to [0, 1], or its raw min–max.")
 @click.option("--metric", type=click.Choice(["psnr", "ssim", "ms_ssim"]), default="psnr", show_default=True,
@@ -331,8 +339,9 @@ def _print_comparison(result):
 @click.option("--titles", default=None, help="Comma-separated panel titles [image names].")
 def figure_cmd(images, out, view, z, level, zoom, titles):
     """Draw IMAGES side by side with the same contrast limits and a scale bar."""
-    from volrestore.evaluation.figures import panels
+    from volrestore.evaluation.figures import check_writable, panels
 
+    check_writable(out)
     path = panels(list(images), out, level=level, view=view, z=z, zoom=zoom,
                   titles=titles.split(",") if titles else None)
     click.echo(f"wrote {path}")
@@ -341,7 +350,8 @@ def figure_cmd(images, out, view, z, level, zoom, titles):
 @main.command("view")
 @click.argument("path", type=click.Path())
 @click.option("--serve", "force_serve", is_flag=True, help="Serve over HTTP even when napari is installed.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port for the local HTTP server (0: any).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port for the local HTTP server (0: any).")
 def view_cmd(path, force_serve, port):
     """Open PATH in napari, or serve it on localhost with links for neuroglancer and vizarr."""
     from volrestore.io import ngff
@@ -489,6 +499,8 @@ def demo_cmd(outdir, samples, steps, size, threads, overwrite):
     and a PNG into OUTDIR, and print PSNR/SSIM before and after. Offline; a few minutes on a laptop CPU."""
     from volrestore import demo
 
+    if size and (size[0] < 8 or min(size[1:]) < 32):  # smaller volumes have too little structure to measure
+        raise UserError(f"--size must be at least 8 32 32 (Z Y X), e.g. 32 64 64; got {' '.join(map(str, size))}")
     shape = tuple(size) if size else demo.SHAPE
     demo.run(outdir, samples=samples, steps=steps, shape=shape, threads=threads, overwrite=overwrite, echo=click.echo)
 

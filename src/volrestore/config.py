@@ -13,20 +13,27 @@ from volrestore.errors import UserError
 # Config field -> the command-line option users know it by (error messages speak in options, not fields).
 OPTION_NAMES = {"batch": "--batch", "seed": "--seed", "dtype": "--dtype", "nan": "--nan", "level": "--level",
                 "tile": "--tile", "overlap": "--overlap", "chunks": "--chunks", "block": "--block",
-                "workers": "--workers", "spec": "--cluster", "threads_per_worker": "--threads"}
+                "workers": "--workers", "spec": "--cluster", "threads_per_worker": "--threads",
+                "iterations": "--iterations", "lr": "--lr", "checkpoint_every": "--checkpoint-every",
+                "objective": "--objective", "preset": "--preset", "val_fraction": "--val-fraction"}
 
 
 class _Frozen(BaseModel):
     # strict: 4.0 or True are not a tile size or a batch, as a typo in a script should not pass silently.
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
+    def __init__(self, **fields):
+        """Validate `fields`; a bad one is a one-line UserError naming its command-line option (however the config
+        is made: `validated`, or directly as trainjob makes TrainConfig)."""
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise UserError(describe_validation_error(exc, fields)) from None
+
     @classmethod
     def validated(cls, **fields):
         """The config for `fields`, or a one-line UserError for the first bad one."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise UserError(describe_validation_error(exc, fields)) from None
+        return cls(**fields)
 
 
 def describe_validation_error(exc: ValidationError, fields: dict) -> str:

@@ -1,39 +1,51 @@
-"""The one blockwise runner: tasks over lazily consumed blocks, bounded in flight, retried, with a progress bar."""
+"""The one blockwise runner: tasks over lazily consumed blocks, bounded in flight, retried (the tries counted), a
+failure explained in one line with the worker tracebacks in a log file, and a progress bar."""
 
 from __future__ import annotations
 
-import itertools
+import logging
+import os
+import tempfile
 import time
+import traceback
 import uuid
 from concurrent.futures import FIRST_COMPLETED
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from volrestore.blockwise.blocks import Block
 from volrestore.cluster.client import connect, machine_cores
-from volrestore.errors import UserError
+from volrestore.errors import UserError, file_of, first_line, resource_advice
 
 
 TASK_RETRIES = 2  # a block task that raises is retried this often, then the run stops naming the block
+LOG_DIR_ENV = "VOLRESTORE_LOG_DIR"  # where failure logs go (default: the system's temporary folder)
 
 
 def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, progress=True, what="processing",
-                  total=None, window=None, resources=None, key_prefix=None, voxels=None) -> int:
+                  total=None, window=None, resources=None, key_prefix=None, voxels=None, log=None) -> int:
     """Run `fn(*args, block)` once for every block of `blocks` that is not done yet; return how many ran.
 
     - `blocks` (Blocks, or index tuples) is consumed lazily: at most `window` tasks are in flight (default: twice the
       client's threads, at least 4) and the next block is taken only as one ends, so a huge grid never becomes a
       huge graph or list. Blocks with `is_done(block)` true are skipped (they count as done on the bar).
-    - A task that raises is retried TASK_RETRIES times (on Dask a task that kills its worker also counts, up to the
-      scheduler's allowed-failures); then the tasks in flight are cancelled and a one-line UserError names the block
-      and the error's first line.
+    - A task that raises is submitted again, up to TASK_RETRIES more times (counted here, so the error says how many
+      tries were made; a UserError is not retried, and a task whose worker died was already retried by the
+      scheduler up to its allowed-failures). Then the tasks in flight are cancelled and a one-line UserError names
+      the block, the file when the error names one, the cause with advice (memory, disk full, permissions), the
+      tries, and the log file `log` (default `failure_log_path(key_prefix)`) that holds every failed try's traceback.
+      Dask workers do not also print those failures on the console.
     - `on_result(block, result)` is called here, in this thread, as each task ends: in completion order, not block
       order, so a caller that needs a fixed order (float sums) keeps results by block index and combines them after.
     - `client=None` runs the tasks in a thread pool of this process (fn and args need not pickle); with a Client they
-      run on its workers under keys `key_prefix-<index>` (default: fn's name and a fresh id), with `resources`.
+      run on its workers under keys `key_prefix-<index>` (retries `...-try<n>`; default prefix: fn's name and a fresh
+      id), with `resources`.
     - `progress`: a rich bar on stderr titled `what` (blocks done of `total`, default len(blocks) if it has one, and
       voxels/s from `voxels(block, result)`, default a Block's write size); nothing at all when progress is False.
     """
-    pool = _DaskPool(client, resources, key_prefix or _default_prefix(fn)) if client is not None else _LocalPool()
+    prefix = key_prefix or _default_prefix(fn)
+    pool = _DaskPool(client, resources, prefix) if client is not None else _LocalPool()
+    failures = Failures(log or failure_log_path(prefix), what)
     window = window or pool.window()
     if total is None and hasattr(blocks, "__len__"):
         total = len(blocks)
@@ -47,21 +59,25 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
                 if is_done is not None and is_done(block):
                     bar.advance(0)
                     continue
-                pending[pool.submit(fn, args, block)] = block
+                pending[pool.submit(fn, args, block, 1)] = (block, 1)
                 n -= 1
 
         try:
             fill(window)
             while pending:
-                done = pool.wait(list(pending))
-                for fut in done:
-                    block = pending.pop(fut)
-                    result = _result(fut, block, what)
-                    ran += 1
+                freed = 0
+                for fut in pool.wait(list(pending)):
+                    block, tries = pending.pop(fut)
+                    result, exc = _outcome(fut)
+                    if exc is not None:  # retried (same slot) or raised
+                        failures.record(block, tries, exc)
+                        pending[pool.submit(fn, args, block, tries + 1)] = (block, tries + 1)
+                        continue
+                    ran, freed = ran + 1, freed + 1
                     if on_result is not None:
                         on_result(block, result)
                     bar.advance(voxels(block, result))
-                fill(len(done))
+                fill(freed)
         finally:
             pool.close(list(pending))  # after an error: cancel what is still in flight
     return ran
@@ -87,17 +103,117 @@ def block_label(block):
     return block.index if isinstance(block, Block) else block
 
 
-def _result(fut, block, what):
+def failure_log_path(prefix: str) -> Path:
+    """Where a run's worker tracebacks are written when a task fails: `volrestore-<prefix>.log` in $VOLRESTORE_LOG_DIR,
+    else in the system's temporary folder."""
+    folder = os.environ.get(LOG_DIR_ENV) or tempfile.gettempdir()
+    return Path(folder) / f"volrestore-{prefix}.log"
+
+
+def _outcome(fut):
+    """(result, None) of a task that succeeded, (None, exception) of one that raised (its traceback attached: on Dask
+    the worker's)."""
     try:
-        return fut.result()
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"block {block_label(block)} failed while {what} after {TASK_RETRIES + 1} tries: "
-                        f"{type(exc).__name__}: {msg}") from None
+        return fut.result(), None
+    except Exception as exc:  # noqa: BLE001 - every task error is explained or retried by Failures
+        return None, exc
+
+
+class Failures:
+    """A run's failed tries: each one's traceback appended to the log file; `record` raises the run's one-line
+    UserError once a block has no tries left."""
+
+    def __init__(self, log, what):
+        self.log, self.what, self.log_error = Path(log), what, None
+
+    def record(self, block, tries, exc) -> None:
+        """Log the failed try number `tries` of `block`; return if it may be tried again, else raise the UserError."""
+        final = isinstance(exc, UserError) or _killed_tries(exc) is not None or tries > TASK_RETRIES
+        self._write(block, tries, exc, final)
+        if final:
+            raise self.error(block, _killed_tries(exc) or tries, exc) from None
+
+    def error(self, block, tries, exc) -> UserError:
+        """The run's one-line error for `block` failing `tries` times with `exc`."""
+        killed = _killed_tries(exc) is not None
+        if killed:
+            cause = "its worker process died each time (KilledWorker)"
+        else:
+            cause = str(exc) if isinstance(exc, UserError) else first_line(exc)
+        parts = [f"block {block_label(block)} failed while {self.what} after {tries} "
+                 f"{'try' if tries == 1 else 'tries'}: {cause}"]
+        where = file_of(exc)
+        if where:
+            parts.append(f"file {where}")
+        advice = resource_advice(exc) or (KILLED_ADVICE if killed else None)
+        if advice:
+            parts.append(advice)
+        parts.append(f"tracebacks in {self.log}" if self.log_error is None else
+                     f"no log written ({self.log_error})")
+        return UserError("; ".join(parts))
+
+    def _write(self, block, tries, exc, final) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        head = (f"--- {stamp} block {block_label(block)} while {self.what}: try {tries} failed"
+                f"{' (no more tries)' if final else ', trying again'}\n")
+        body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if _killed_tries(exc) is not None:
+            body += "(no traceback: the worker process died; the worker's own log says why)\n"
+        try:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "a") as f:
+                f.write(head + body)
+        except OSError as err:
+            self.log_error = f"{type(err).__name__}: {err.strerror or err}"
+
+
+KILLED_ADVICE = ("a worker dies like that mostly from running out of memory: use a smaller --tile or --batch, fewer "
+                 "--workers, or more memory per worker")
+
+
+def _killed_tries(exc) -> int | None:
+    """For distributed's KilledWorker (the task's worker died on every try): how many tries; else None."""
+    if type(exc).__name__ != "KilledWorker":
+        return None
+    allowed = getattr(exc, "allowed_failures", None)
+    return allowed + 1 if isinstance(allowed, int) else 1
 
 
 def _default_prefix(fn) -> str:
     return f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:12]}"
+
+
+class QuietTask:
+    """A block task on a Dask worker that first stops that worker's logger printing distributed's "Compute Failed"
+    report (a 20-50 line traceback) for this run's keys: run_blockwise writes the same traceback into its log file
+    and prints one line."""
+
+    def __init__(self, fn, prefix):
+        self.fn, self.prefix = fn, prefix
+        self.__name__ = getattr(fn, "__name__", "task")
+
+    def __call__(self, *args):
+        _QuietComputeFailed.install(self.prefix)
+        return self.fn(*args)
+
+
+class _QuietComputeFailed(logging.Filter):
+    """A filter on the worker's "distributed.worker" logger that drops "Compute Failed" records of keys that start
+    with one of the installed prefixes (other tasks' failures still print)."""
+
+    prefixes: set = set()
+
+    @classmethod
+    def install(cls, prefix) -> None:
+        cls.prefixes.add(prefix + "-")
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("Compute Failed") or not record.args:
+            return True
+        return not str(record.args[0]).startswith(tuple(self.prefixes))
 
 
 class _DaskPool:
@@ -109,9 +225,9 @@ class _DaskPool:
     def window(self) -> int:
         return max(4, 2 * sum(self.client.nthreads().values()))
 
-    def submit(self, fn, args, block):
-        key = f"{self.prefix}-{'.'.join(map(str, block_label(block)))}"
-        return self.client.submit(fn, *args, block, key=key, retries=TASK_RETRIES, pure=False,
+    def submit(self, fn, args, block, attempt):
+        key = f"{self.prefix}-{'.'.join(map(str, block_label(block)))}" + (f"-try{attempt}" if attempt > 1 else "")
+        return self.client.submit(QuietTask(fn, self.prefix), *args, block, key=key, retries=0, pure=False,
                                   resources=self.resources)
 
     def wait(self, futures):
@@ -126,7 +242,7 @@ class _DaskPool:
 
 
 class _LocalPool:
-    """Tasks in a thread pool of this process, one thread per core; the same retries as on Dask."""
+    """Tasks in a thread pool of this process, one thread per core; retried like those on Dask."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -137,8 +253,8 @@ class _LocalPool:
     def window(self) -> int:
         return max(4, 2 * self.threads)
 
-    def submit(self, fn, args, block):
-        return self.executor.submit(_with_retries, fn, args, block)
+    def submit(self, fn, args, block, attempt):
+        return self.executor.submit(fn, *args, block)
 
     def wait(self, futures):
         from concurrent.futures import wait
@@ -149,15 +265,6 @@ class _LocalPool:
         for fut in unfinished:
             fut.cancel()
         self.executor.shutdown(wait=True)
-
-
-def _with_retries(fn, args, block):
-    for attempt in itertools.count():
-        try:
-            return fn(*args, block)
-        except Exception:
-            if attempt >= TASK_RETRIES:
-                raise
 
 
 class _Bar:

@@ -27,8 +27,7 @@ class _Image:
 
     def __init__(self, path, level=0, role="image"):
         self.info = ngff.read_info(path)
-        if level >= len(self.info.levels):
-            raise UserError(f"{path} has {len(self.info.levels)} level(s); choose --level below that")
+        ngff.check_level(self.info, level)  # negative levels too: -1 would silently mean the smallest one
         self.path, self.level, self.role = str(path), level, role
         self.array = ngff.open_level(path, level)
         names = self.info.axis_names

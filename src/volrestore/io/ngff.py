@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -107,6 +108,9 @@ def read_info(path) -> ImageInfo:
         raise UserError(f"{path}: malformed multiscales metadata ({error_summary(exc)}); fix the metadata or reconvert") from None
     _check_axes([a.name for a in axes], path)
     level_infos = [_level_info(group, path, len(axes), *level) for level in levels]
+    if 0 in level_infos[0].shape:
+        raise UserError(f"{path}: level '{level_infos[0].path}' has shape {level_infos[0].shape}, an axis of size 0 "
+                        "(no voxels); give an image with data")
     if not np.issubdtype(np.dtype(level_infos[0].dtype), np.number):
         raise UserError(f"{path}: data type {level_infos[0].dtype} is not numeric; convert it to a numeric type")
     if np.issubdtype(np.dtype(level_infos[0].dtype), np.complexfloating):  # its imaginary part would be dropped
@@ -148,6 +152,9 @@ def _level_info(group, path, ndim: int, lpath: str, scale, translation) -> Level
         arr = group[lpath]
     except KeyError:
         raise UserError(f"{path}: level '{lpath}' listed in multiscales is missing; reconvert the image") from None
+    except Exception as exc:  # noqa: BLE001 - zarr raises JSON, value and type errors for damaged array metadata
+        raise UserError(f"{path}: the metadata of level '{lpath}' cannot be read ({error_summary(exc)}); it is "
+                        f"damaged or cut short: restore it from a copy or reconvert the image") from None
     if not isinstance(arr, zarr.Array) or arr.ndim != ndim:
         raise UserError(f"{path}: level '{lpath}' is not a {ndim}-D array matching the axes; reconvert it")
     if any(not s > 0 for s in scale):
@@ -204,6 +211,9 @@ def _open_group(path) -> zarr.Group:
             raise UserError(f"{p} is a file, not an OME-Zarr directory; convert TIFFs with 'volrestore convert'")
     try:
         return zarr.open_group(p, mode="r")
+    except json.JSONDecodeError as exc:  # a zarr.json / .zattrs cut short or edited by hand
+        raise UserError(f"{p}: its group metadata is not valid JSON ({exc.msg} at line {exc.lineno}); it is damaged "
+                        "or cut short: restore it from a copy or reconvert the image") from None
     except zarr.errors.ContainsArrayError:
         raise UserError(f"{p} is a plain Zarr array, not an OME-Zarr image; give the image group above it") from None
     except Exception as exc:  # zarr raises several types for "no group here"
@@ -261,7 +271,8 @@ def make_provenance(parameters: dict | None = None, command: str | None = None) 
 
 
 def check_output_path(out, inputs: Iterable = (), overwrite: bool = False) -> None:
-    """Refuse an output that exists (unless overwrite), equals or sits inside an input, or contains an input."""
+    """Refuse an output that exists (unless overwrite), is a symlink to be overwritten, equals or sits inside an
+    input, contains an input, or whose folder cannot be written."""
     out_p = Path(out).expanduser().resolve()
     for inp in inputs:
         in_p = Path(inp).expanduser().resolve()
@@ -269,11 +280,27 @@ def check_output_path(out, inputs: Iterable = (), overwrite: bool = False) -> No
             raise UserError(f"output {out} is inside or equal to input {inp}; choose an output outside the input")
         if overwrite and out_p in in_p.parents:
             raise UserError(f"output {out} contains input {inp}; overwriting would delete it, choose another output")
+    if "://" not in str(out):
+        _check_writable_folder(out, out_p)
+    if Path(out).expanduser().is_symlink() and overwrite:  # replacing it could delete the link's target
+        raise UserError(f"OUT is a symlink ({out} -> {os.readlink(Path(out).expanduser())}); give a real folder")
     if out_p.exists() or out_p.is_symlink():
         if not overwrite:
             raise UserError(f"output {out} already exists; choose another path or pass --overwrite")
         if out_p.is_file() or (any(out_p.iterdir()) and not _looks_like_zarr(out_p)):
             raise UserError(f"output {out} exists and is not a Zarr store; refusing to overwrite it, remove it yourself")
+
+
+def _check_writable_folder(out, out_p: Path) -> None:
+    """UserError when the nearest existing folder at or above OUT is not a folder or may not be written by us."""
+    folder = out_p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot create output {out}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create output {out}: folder {folder} is not writable; choose a writable location "
+                        "or fix its permissions")
 
 
 def _looks_like_zarr(p: Path) -> bool:
