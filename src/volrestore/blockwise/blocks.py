@@ -156,15 +156,16 @@ def iter_blocks(plan, skip_done=False):
 
 def iter_groups(plan, skip_done=False):
     """The first block index of each progress group (the unit of work of restore tasks), lazily; with skip_done,
-    only groups with a block not recorded done."""
-    size = group_size(plan)
+    only groups with a block not recorded done (one read per existing record)."""
+    size, total, counts = group_size(plan), n_blocks(plan), block_counts(plan)
     if size == 1:
         yield from iter_blocks(plan, skip_done)
         return
     for group in range(n_groups(plan)):
-        indices = group_indices(plan, group)
-        if not skip_done or len(done_in_group(plan, group)) < len(indices):
-            yield indices[0]
+        length = min(size, total - group * size)
+        if skip_done and os.path.exists(marker_path(plan, group)) and len(done_in_group(plan, group)) >= length:
+            continue
+        yield tuple(int(i) for i in np.unravel_index(group * size, counts))
 
 
 def count_done(plan) -> int:

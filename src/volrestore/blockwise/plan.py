@@ -201,31 +201,56 @@ def _chunks_and_block(config: RestoreConfig, info: ngff.ImageInfo, grid: Grid, s
     return chunks_all, shards, blk
 
 
-def _input_range(path, level, max_voxels=20_000_000) -> tuple[float, float]:
+# The intensity range for --normalise image reads at most this much (float64 voxels: 256 MB), whatever the size.
+RANGE_SAMPLE_VOXELS = 32_000_000
+RANGE_SAMPLE_SEED = 20261202
+
+
+def _input_range(path, level, max_voxels=None) -> tuple[float, float]:
     """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
-    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; from evenly spaced whole planes (bounded reading)."""
+    in-plane smoothing (σ = 1 voxel) so noise does not inflate it. Reading is bounded by max_voxels (default
+    RANGE_SAMPLE_VOXELS): all planes when they fit, else a fixed seeded sample of chunks (each read with a 4-voxel
+    in-plane margin so its smoothing matches the whole plane's), so a petabyte volume costs the same as a gigabyte."""
     from scipy import ndimage
 
     array = ngff.open_level(path, level)
     names = ngff.read_info(path).axis_names
-    plane_axes = [i for i, a in enumerate(names) if a in "yx"]
-    plane = int(np.prod([array.shape[i] for i in plane_axes]))
-    leading = [i for i, a in enumerate(names) if a not in "yx"]
-    count = int(np.prod([array.shape[i] for i in leading])) if leading else 1
-    step = max(1, -(-count * plane // max_voxels))
+    max_voxels = max_voxels or RANGE_SAMPLE_VOXELS
+    if array.size <= max_voxels:
+        regions = [(tuple(slice(None) for _ in names), tuple(slice(None) for _ in names))]
+    else:
+        regions = _sampled_chunks(array, names, max_voxels)
     raw, smooth = [], []
-    for flat in range(0, count, step):
-        index = [slice(None)] * len(names)
-        for i, k in zip(leading, np.unravel_index(flat, [array.shape[i] for i in leading])):
-            index[i] = int(k)
-        values = np.nan_to_num(np.asarray(array[tuple(index)], np.float64))
-        raw.append(values.ravel())
-        smooth.append(ndimage.gaussian_filter(values, 1.0).ravel())
+    for read, inner in regions:
+        values = np.nan_to_num(np.asarray(array[read], np.float64))
+        sigma = [1.0 if a in "yx" else 0.0 for a in names]  # in-plane only, as a 2D filter of each plane
+        raw.append(values[inner].ravel())
+        smooth.append(ndimage.gaussian_filter(values, sigma)[inner].ravel())
     background, bright = float(np.median(np.concatenate(raw))), float(np.percentile(np.concatenate(smooth), 99.9))
     if not bright > background:
         raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
     return background, bright
 
+
+def _sampled_chunks(array, names, max_voxels, margin=4) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """(read region, its chunk inside it) for a seeded sample of chunks, about max_voxels read in all; regions are
+    grown by `margin` in y and x so the σ=1 smoothing of each chunk equals that of its whole plane."""
+    chunks = array.chunks
+    counts = [-(-n // c) for n, c in zip(array.shape, chunks)]
+    total = int(np.prod(counts, dtype=np.float64))
+    per_chunk = int(np.prod([c + (2 * margin if a in "yx" else 0) for c, a in zip(chunks, names)], dtype=np.float64))
+    n = max(1, min(total, max_voxels // max(per_chunk, 1)))
+    regions = []
+    for f in sorted(int(i) for i in np.random.default_rng(RANGE_SAMPLE_SEED).choice(total, n, replace=False)):
+        read, inner = [], []
+        for c, k, size, a in zip(np.unravel_index(f, counts), chunks, array.shape, names):
+            lo, hi = int(c) * k, min((int(c) + 1) * k, size)
+            grow = margin if a in "yx" else 0
+            rlo, rhi = max(0, lo - grow), min(size, hi + grow)
+            read.append(slice(rlo, rhi))
+            inner.append(slice(lo - rlo, hi - rlo))
+        regions.append((tuple(read), tuple(inner)))
+    return regions
 
 
 def _mask_plan(mask, info, level, spatial, sp_idx):
