@@ -34,7 +34,7 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
       scheduler up to its allowed-failures). Then the tasks in flight are cancelled and a one-line UserError names
       the block, the file when the error names one, the cause with advice (memory, disk full, permissions), the
       tries, and the log file `log` (default `failure_log_path(key_prefix)`) that holds every failed try's traceback.
-      Dask workers do not also print those failures on the console.
+      Dask workers (and a scheduler in this process) do not also print those failures on the console.
     - `on_result(block, result)` is called here, in this thread, as each task ends: in completion order, not block
       order, so a caller that needs a fixed order (float sums) keeps results by block index and combines them after.
     - `client=None` runs the tasks in a thread pool of this process (fn and args need not pickle); with a Client they
@@ -53,7 +53,7 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
         voxels = (lambda block, _: block.size if isinstance(block, Block) else 0)
     blocks = iter(blocks)
     pending, ran = {}, 0
-    with _Bar(progress, what, total) as bar:
+    with _Bar(progress, what, total) as bar, _diverted_logs(prefix, failures):
         def fill(n):  # submit up to n more blocks that are not done; skipped ones only advance the bar
             while n > 0 and (block := next(blocks, None)) is not None:
                 if is_done is not None and is_done(block):
@@ -128,10 +128,12 @@ class Failures:
 
     def record(self, block, tries, exc) -> None:
         """Log the failed try number `tries` of `block`; return if it may be tried again, else raise the UserError."""
-        final = isinstance(exc, UserError) or _killed_tries(exc) is not None or tries > TASK_RETRIES
+        killed = _killed_tries(exc)  # the scheduler tried that often on different workers
+        tries = killed or tries
+        final = isinstance(exc, UserError) or killed is not None or tries > TASK_RETRIES
         self._write(block, tries, exc, final)
         if final:
-            raise self.error(block, _killed_tries(exc) or tries, exc) from None
+            raise self.error(block, tries, exc) from None
 
     def error(self, block, tries, exc) -> UserError:
         """The run's one-line error for `block` failing `tries` times with `exc`."""
@@ -152,6 +154,10 @@ class Failures:
                      f"no log written ({self.log_error})")
         return UserError("; ".join(parts))
 
+    def note(self, text: str) -> None:
+        """Append a line (a diverted cluster log record) to the log file."""
+        self._append(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
     def _write(self, block, tries, exc, final) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         head = (f"--- {stamp} block {block_label(block)} while {self.what}: try {tries} failed"
@@ -159,10 +165,13 @@ class Failures:
         body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if _killed_tries(exc) is not None:
             body += "(no traceback: the worker process died; the worker's own log says why)\n"
+        self._append(head + body)
+
+    def _append(self, text: str) -> None:
         try:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log, "a") as f:
-                f.write(head + body)
+                f.write(text)
         except OSError as err:
             self.log_error = f"{type(err).__name__}: {err.strerror or err}"
 
@@ -214,6 +223,42 @@ class _QuietComputeFailed(logging.Filter):
         if not str(record.msg).startswith("Compute Failed") or not record.args:
             return True
         return not str(record.args[0]).startswith(tuple(self.prefixes))
+
+
+CLUSTER_LOGGERS = ("distributed.scheduler", "distributed.worker")  # where a cluster in this process reports tasks
+
+
+@contextmanager
+def _diverted_logs(prefix, failures):
+    """While a run is on: records of the loggers in CLUSTER_LOGGERS (of a cluster running in this process) that
+    name one of the run's keys go to the run's log file instead of the console."""
+    divert = _DivertKeys(prefix, failures)
+    loggers = [logging.getLogger(name) for name in CLUSTER_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(divert)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(divert)
+
+
+class _DivertKeys(logging.Filter):
+    """Drops (after writing it to the log file) a record whose text names a key of the run."""
+
+    def __init__(self, prefix, failures):
+        super().__init__()
+        self.key, self.failures = prefix + "-", failures
+
+    def filter(self, record) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is left to logging
+            return True
+        if self.key not in text:
+            return True
+        self.failures.note(f"{record.name} {record.levelname}: {text}")
+        return False
 
 
 class _DaskPool:
