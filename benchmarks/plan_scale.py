@@ -26,7 +26,7 @@ from pathlib import Path
 
 from volrestore.blockwise import blocks
 from volrestore.blockwise.plan import plan as make_plan
-from volrestore.blockwise.runner import run_blockwise
+from volrestore.blockwise.runner import default_window, run_blockwise
 from volrestore.cluster.client import connect
 from volrestore.io import ngff
 
@@ -50,6 +50,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunks", nargs=3, type=int, default=[64, 256, 256], metavar=("Z", "Y", "X"))
     parser.add_argument("--tasks", type=int, default=3000, help="tasks to run before stopping the runner")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--window", type=int, default=None, help="tasks in flight (default: the runner's)")
+    parser.add_argument("--no-records", action="store_true", help="skip writing and scanning progress records")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -78,14 +80,18 @@ def main(argv=None) -> dict:
 
         try:
             run_blockwise(client, noop, blocks.iter_groups(plan), args=(plan,), on_result=on_result, progress=False,
-                          what="planning", key_prefix="plan-scale")
+                          what="planning", key_prefix="plan-scale", window=args.window)
         except Stop:
             pass
         seconds = time.perf_counter() - t_start
-        window = max(4, 2 * sum(client.nthreads().values()))
+        window = args.window or default_window(sum(client.nthreads().values()))
     result.update({"first_task_s": round(first[0], 2), "tasks_run": done[0], "tasks_per_s": round(done[0] / seconds),
                    "tasks_in_flight": window})
 
+    if args.no_records:
+        result["client_peak_rss_mb"] = round(peak_rss_mb())
+        print(json.dumps(result) if args.json else result)
+        return result
     t1 = time.perf_counter()
     for group in range(n_groups):
         blocks.mark_done(plan, blocks.group_indices(plan, group)[0]) if plan.progress_group == 1 else \

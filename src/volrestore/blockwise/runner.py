@@ -19,6 +19,7 @@ from volrestore.errors import UserError, file_of, first_line, resource_advice
 
 
 TASK_RETRIES = 2  # a block task that raises is retried this often, then the run stops naming the block
+WINDOW_MIN, WINDOW_PER_THREAD = 32, 4  # default_window; plan_scale.py measures the submission rate it gives
 LOG_DIR_ENV = "VOLRESTORE_LOG_DIR"  # where failure logs go (default: the system's temporary folder)
 
 
@@ -26,8 +27,8 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
                   total=None, window=None, resources=None, key_prefix=None, voxels=None, log=None) -> int:
     """Run `fn(*args, block)` once for every block of `blocks` that is not done yet; return how many ran.
 
-    - `blocks` (Blocks, or index tuples) is consumed lazily: at most `window` tasks are in flight (default: twice the
-      client's threads, at least 4) and the next block is taken only as one ends, so a huge grid never becomes a
+    - `blocks` (Blocks, or index tuples) is consumed lazily: at most `window` tasks are in flight (default: default_window of the
+      client's threads) and the next block is taken only as one ends, so a huge grid never becomes a
       huge graph or list. Blocks with `is_done(block)` true are skipped (they count as done on the bar).
     - A task that raises is submitted again, up to TASK_RETRIES more times (counted here, so the error says how many
       tries were made; a UserError is not retried, and a task whose worker died was already retried by the
@@ -54,21 +55,22 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
     blocks = iter(blocks)
     pending, ran = {}, 0
     with _Bar(progress, what, total) as bar, _diverted_logs(prefix, failures):
-        def fill(n):  # submit up to n more blocks that are not done; skipped ones only advance the bar
-            while n > 0 and (block := next(blocks, None)) is not None:
+        def fill(n):  # submit up to n more blocks that are not done (in one call); skipped ones only advance the bar
+            batch = []
+            while len(batch) < n and (block := next(blocks, None)) is not None:
                 if is_done is not None and is_done(block):
                     bar.advance(0)
                     continue
-                pending[pool.submit(fn, args, block, 1)] = (block, 1)
-                n -= 1
+                batch.append(block)
+            for future, block in zip(pool.submit_many(fn, args, batch), batch):
+                pending[future] = (block, 1)
 
         try:
             fill(window)
             while pending:
                 freed = 0
-                for fut in pool.wait(list(pending)):
+                for fut, result, exc in pool.outcomes(pool.wait(list(pending))):
                     block, tries = pending.pop(fut)
-                    result, exc = _outcome(fut)
                     if exc is not None:  # retried (same slot) or raised
                         failures.record(block, tries, exc)
                         pending[pool.submit(fn, args, block, tries + 1)] = (block, tries + 1)
@@ -83,11 +85,10 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
     return ran
 
 
-def run_blocks(client, fn, args, blocks, total, what, progress, on_result, resources=None):
-    """blockwise/restore.py's call: `blocks` are plan index tuples and results are (status, voxels, ...)."""
-    return run_blockwise(client, fn, blocks, args=args, on_result=on_result, progress=progress, what=what,
-                         total=total, resources=resources, key_prefix=f"{fn.__name__}-{args[0].run}",
-                         voxels=lambda _, result: result[1])
+def default_window(threads: int) -> int:
+    """Tasks kept in flight on a cluster of `threads` worker threads: enough that the round trip of a finished task
+    never idles a thread (tasks queue on the scheduler, not on the client), bounded so the client stays small."""
+    return max(WINDOW_MIN, WINDOW_PER_THREAD * threads)
 
 
 @contextmanager
@@ -265,21 +266,47 @@ class _DaskPool:
     """Tasks on a distributed.Client."""
 
     def __init__(self, client, resources, key_prefix):
+        from distributed import as_completed
+
         self.client, self.resources, self.prefix = client, resources, key_prefix
+        self.ended = as_completed()
 
     def window(self) -> int:
-        return max(4, 2 * sum(self.client.nthreads().values()))
+        return default_window(sum(self.client.nthreads().values()))
 
     def submit(self, fn, args, block, attempt):
         key = f"{self.prefix}-{'.'.join(map(str, block_label(block)))}" + (f"-try{attempt}" if attempt > 1 else "")
-        return self.client.submit(QuietTask(fn, self.prefix), *args, block, key=key, retries=0, pure=False,
+        future = self.client.submit(QuietTask(fn, self.prefix), *args, block, key=key, retries=0, pure=False,
+                                    resources=self.resources)
+        self.ended.add(future)
+        return future
+
+    def submit_many(self, fn, args, blocks):
+        """First tries of several blocks in one client call (one message to the scheduler, not one per task)."""
+        if not blocks:
+            return []
+        keys = [f"{self.prefix}-{'.'.join(map(str, block_label(b)))}" for b in blocks]
+        columns = [[a] * len(blocks) for a in args]
+        futures = self.client.map(QuietTask(fn, self.prefix), *columns, blocks, key=keys, retries=0, pure=False,
                                   resources=self.resources)
+        self.ended.update(futures)
+        return futures
 
     def wait(self, futures):
-        """The futures that have ended (at least one)."""
-        from distributed import wait
+        """The futures that have ended (at least one): all that ended since the last call, from one as_completed
+        stream (a wait over every pending future per call cost more than the tasks themselves)."""
+        return self.ended.next_batch(block=True)
 
-        return wait(futures, return_when=FIRST_COMPLETED).done
+    def outcomes(self, done):
+        """(future, result, exception) of ended tasks: the results of all that succeeded in one gather (one round
+        trip per wait instead of one per task: the client's submission rate depends on it)."""
+        finished = [f for f in done if f.status == "finished"]
+        try:
+            results = self.client.gather(finished) if finished else []
+        except Exception:  # noqa: BLE001 - one of them failed after all: fall back to asking each
+            return [(f, *_outcome(f)) for f in done]
+        failed = [f for f in done if f.status != "finished"]
+        return [(f, r, None) for f, r in zip(finished, results)] + [(f, *_outcome(f)) for f in failed]
 
     def close(self, unfinished):
         if unfinished:
@@ -305,6 +332,14 @@ class _LocalPool:
         from concurrent.futures import wait
 
         return wait(futures, return_when=FIRST_COMPLETED).done
+
+    def submit_many(self, fn, args, blocks):
+        """First tries of several blocks."""
+        return [self.submit(fn, args, block, 1) for block in blocks]
+
+    def outcomes(self, done):
+        """(future, result, exception) of ended tasks."""
+        return [(f, *_outcome(f)) for f in done]
 
     def close(self, unfinished):
         for fut in unfinished:
