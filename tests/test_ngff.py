@@ -189,3 +189,17 @@ def test_check_output_path(tmp_path):
     with pytest.raises(UserError, match="not a Zarr store"):
         ngff.check_output_path(tmp_path / "notes", overwrite=True)
     ngff.check_output_path(tmp_path / "new.ome.zarr", inputs=[src])
+
+
+def test_single_level_images_get_display_windows_from_their_data(tmp_path):
+    """napari opens a written image with a window that fits its data (not 0..65535), also without a pyramid."""
+    import json
+
+    from volrestore import write_image
+
+    data = (np.random.default_rng(0).random((2, 4, 32, 32)) * 1000).astype("uint16")
+    write_image(tmp_path / "a.ome.zarr", data, axes="czyx", channel_names=["a", "b"], n_levels=1)
+    channels = json.loads((tmp_path / "a.ome.zarr" / "zarr.json").read_text())["attributes"]["ome"]["omero"]["channels"]
+    for channel in channels:
+        window = channel["window"]
+        assert 0 <= window["start"] < window["end"] <= 1000 and window["max"] == 65535

@@ -25,7 +25,6 @@ def write_image(path, data, *, axes="zyx", scale=None, translation=None, chunks=
                  translation=translation, chunks=chunks, shards=shards, version=version, n_levels=n_levels,
                  channel_names=channel_names, provenance=provenance, overwrite=overwrite)
     open_level(path, 0, mode="r+")[...] = data
-    if n_levels > 1:
-        build_pyramid(path)
+    build_pyramid(path)  # with one level it only sets the display windows from the data
     set_complete(path)
     return read_info(path)
