@@ -323,6 +323,8 @@ CASES = {
     "degrade-spec": Case(f"degrade {IMG} {OUT} --spec bogus", "cannot parse degradation"),
     "degrade-photons": Case(f"degrade {IMG} {OUT} --spec poisson:photons=-1", "cannot parse degradation"),
     "degrade-psf-missing": Case(f"degrade {IMG} {OUT} --spec poisson:photons=5,blur={{d}}/nope.tif", "not found"),
+    "degrade-psf-not-an-image": Case(f"degrade {IMG} {OUT} --spec poisson:photons=5,blur={{d}}/notes.txt",
+                                     "cannot read the PSF"),
     "degrade-level": Case(f"degrade {IMG} {OUT} --spec poisson:photons=5 --level -1", "level(s)"),
     "degrade-zero-size": Case(f"degrade {{d}}/zero-size.ome.zarr {OUT} --spec poisson:photons=5", "axis of size 0"),
     "degrade-level-json-cut": Case(f"degrade {{d}}/level-cut.ome.zarr {OUT} --spec poisson:photons=5",

@@ -109,12 +109,16 @@ def crop(x: np.ndarray, halo: tuple[int, ...]) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _load_psf(path: str) -> np.ndarray:
-    if path.endswith(".npy"):
-        psf = np.load(path)
-    else:
-        import tifffile
+    try:
+        if path.endswith(".npy"):
+            psf = np.load(path)
+        else:
+            import tifffile
 
-        psf = tifffile.imread(path)
+            psf = tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - any reader error means the file is not a PSF image
+        raise UserError(f"cannot read the PSF {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "give a 2D/3D TIFF or .npy image") from None
     psf = np.squeeze(np.asarray(psf, dtype=np.float64))
     if psf.ndim not in (2, 3) or psf.sum() <= 0:
         raise UserError(f"PSF {path} must be a 2D or 3D image with positive sum")
