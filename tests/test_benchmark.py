@@ -52,3 +52,12 @@ def test_known_gpu_peaks_and_size_parsing():
 ])
 def test_bad_benchmark_arguments_exit_2_with_one_line(args, contains):
     assert_user_error(cli("benchmark", *args), contains=contains)
+
+
+def test_benchmark_defaults_measure_the_default_model_on_its_default_tile():
+    from volrestore.model.diffusion_restorer import DEFAULT_TILE
+
+    cfg = benchmark.default_preset()
+    tile, _ = DEFAULT_TILE[cfg["spatial_dims"]]
+    size = benchmark.default_size(cfg, "cpu")
+    assert size[-len(tile):] == tuple(tile) and (cfg["spatial_dims"] == 3 or size[0] == 1)  # exactly one tile

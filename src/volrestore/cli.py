@@ -380,13 +380,14 @@ def view_cmd(path, force_serve, port):
 
 
 @main.command("benchmark")
-@click.option("--preset", default="tiny-3d", show_default=True, help="Network preset (random weights: speed only).")
+@click.option("--preset", default="default", show_default=True,
+              help="Network preset (random weights: speed only); default: the shipped default model's network.")
 @click.option("--samples", "-K", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per tile.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Sampler steps.")
-@click.option("--sampler", default="dpmpp2m", show_default=True, help="ancestral | ddim | dpmpp2m")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps [the sampler's default].")
+@click.option("--sampler", default=None, help="ancestral | ddim | dpmpp2m [restore's default for the preset]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--size", nargs=3, type=int, default=None, metavar="Z Y X",
-              help="Generated volume shape [64 64 64 on cpu, 256 256 256 on cuda].")
+              help="Generated volume shape [cpu: 1 512 512 for 2D models, 64 64 64 for 3D; cuda: 16 1024 1024 or 256^3].")
 @click.option("--tile", nargs=3, type=int, default=None, metavar="Z Y X",
               help="Tile size, Z 1 for a 2D model (default: the model's).")
 @click.option("--overlap", type=int, default=None, help="Tile overlap per side (default: the model's).")

@@ -20,6 +20,8 @@ from volrestore.io import ngff
 from volrestore.model import nets
 from volrestore.cluster.client import connect, is_gpu_cluster, task_resources
 from volrestore.errors import UserError
+from volrestore.model.diffusion import Schedule
+from volrestore.model.diffusion_restorer import default_steps
 from volrestore.model.restorer import BuildRestorer, restorer_for
 
 TB_VOXELS = 1e12 / 2  # voxels in a terabyte of uint16
@@ -75,7 +77,7 @@ FIELDS = {
 }
 
 
-def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu", size=None, tile=None,
+def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", size=None, tile=None,
         overlap=None, batch=4, compile=False, cluster=None, workers=None, seed=0, workdir=None, echo=print) -> dict:
     """Benchmark a preset (random weights) on a generated volume; returns the FIELDS dict.
 
@@ -89,8 +91,10 @@ def run(preset="tiny-3d", *, samples=1, steps=20, sampler="dpmpp2m", device="cpu
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU is visible to this process; use --device cpu")
-    cfg = nets.load_preset(preset)
-    shape = parse_size(size, 256 if device == "cuda" else 64)
+    cfg = nets.load_preset(default_preset() if preset == "default" else preset)
+    sampler = sampler or ("ancestral" if cfg.get("schedule") == "cosine" else "dpmpp2m")
+    steps = steps or default_steps(sampler, Schedule(kind=cfg["schedule"]))
+    shape = parse_size(size, None) if size is not None else default_size(cfg, device)
     if cluster is None:
         cluster, workers = ("cuda", workers) if device == "cuda" else ("local", workers or 1)
     with tempfile.TemporaryDirectory(prefix="volrestore-bench-", dir=workdir) as tmp:
@@ -164,7 +168,23 @@ def peak_bf16(device_name: str) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
-def parse_size(size, default: int) -> tuple[int, int, int]:
+def default_preset() -> dict:
+    """The shipped default model's network preset: what `volrestore restore` runs by default."""
+    from volrestore.model.checkpoint import load_checkpoint
+    from volrestore.model.diffusion_restorer import default_model_path
+
+    return dict(load_checkpoint(default_model_path())["preset"])
+
+
+def default_size(cfg: dict, device: str) -> tuple[int, int, int]:
+    """The default generated volume: on CPU one default tile of a 2D/2.5D model (1 x 512 x 512) or one 64^3 tile of
+    a 3D one, so the defaults finish in minutes on a laptop; on CUDA enough tiles to fill a GPU."""
+    if device == "cuda":
+        return (16, 1024, 1024) if cfg["spatial_dims"] == 2 else (256, 256, 256)
+    return (1, 512, 512) if cfg["spatial_dims"] == 2 else (64, 64, 64)
+
+
+def parse_size(size, default: int | None) -> tuple[int, int, int]:
     """The generated volume's (Z, Y, X): `size` as given (three positive whole numbers) or a cube of `default`."""
     dims = (default,) * 3 if size is None else tuple(size)
     if len(dims) != 3 or not all(isinstance(v, int) and v >= 1 for v in dims):
