@@ -8,7 +8,7 @@ from _io_helpers import assert_user_error, cli
 
 from volrestore import write_image
 from volrestore.blockwise.plan import plan
-from volrestore.blockwise.tasks import integer_limits
+from volrestore.io.storage import integer_limits
 from volrestore.io import ngff
 
 TILE = ["--tile", 8, 16, 16, "--overlap", 2]

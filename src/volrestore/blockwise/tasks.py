@@ -14,6 +14,7 @@ import zarr
 
 from volrestore.blockwise.blocks import block_box, mark_done
 from volrestore.io import ngff
+from volrestore.io.storage import cast_rounded
 from volrestore.model.restorer import restorer_for
 
 
@@ -101,19 +102,7 @@ def restore_block(plan, spec, index):
 def _write_outputs(plan, outs: dict, acc: dict, norm, where) -> None:
     """Write each output's blended sum / summed weight into the block's region, integers rounded and clipped."""
     for name, arr in outs.items():
-        value = acc[name] / norm
-        dtype = np.dtype(plan.dtype if name == "mean" else "float32")
-        if np.issubdtype(dtype, np.integer):
-            value = np.clip(np.rint(value), *integer_limits(dtype))
-        arr[where] = value.astype(dtype)
-
-
-def integer_limits(dtype) -> tuple[float, float]:
-    """The float64 clip range of an integer dtype: its limits, or the nearest float64 inside them (the 64-bit types'
-    maxima are not float64 numbers; 2**63 or 2**64 would wrap around when cast)."""
-    lim = np.iinfo(dtype)
-    lo, hi = float(lim.min), float(lim.max)
-    return lo, hi if int(hi) <= lim.max else float(np.nextafter(hi, 0.0))
+        arr[where] = cast_rounded(acc[name] / norm, plan.dtype if name == "mean" else "float32")
 
 
 def _restore_batch(restorer, data, origins, seed, index, batch):

@@ -12,6 +12,7 @@ import zarr
 from volrestore.blockwise.blocks import grid_blocks, grid_size
 from volrestore.blockwise.runner import run_blockwise
 from volrestore.io.ngff import read_info, set_omero_windows
+from volrestore.io.storage import cast_rounded
 
 WINDOW_PERCENTILES = (0.1, 99.9)
 WINDOW_SAMPLE = 1 << 22  # voxels per channel read for the display window
@@ -119,8 +120,4 @@ def downsample_mean(data: np.ndarray, factors, out_shape, dtype) -> np.ndarray:
             count = np.array([len(range(o, data.shape[i], f)) for o in range(f)])
             per = np.array([(count > k).sum() for k in range(n)], acc.dtype)
             acc /= per.reshape([-1 if j == i else 1 for j in range(acc.ndim)])
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        np.rint(acc, out=acc)
-        np.clip(acc, info.min, info.max, out=acc)
-    return acc.astype(dtype)
+    return cast_rounded(acc, dtype)

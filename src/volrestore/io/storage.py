@@ -20,6 +20,24 @@ FINGERPRINT_SEED = 20261202
 METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
+def cast_rounded(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` (a float array this call may overwrite) as `dtype`: integers rounded half to even and clipped to
+    the type's range (the one cast for every output volrestore writes: restore, degrade, pyramid levels)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        np.rint(values, out=values)
+        np.clip(values, *integer_limits(dtype), out=values)
+    return values.astype(dtype)
+
+
+def integer_limits(dtype) -> tuple[float, float]:
+    """The float clip range of an integer dtype: its limits, or the nearest float64 inside them (the 64-bit types'
+    maxima are not float64 numbers; 2**63 or 2**64 would wrap around when cast)."""
+    lim = np.iinfo(dtype)
+    lo, hi = float(lim.min), float(lim.max)
+    return lo, hi if int(hi) <= lim.max else float(np.nextafter(hi, 0.0))
+
+
 def storage_grid(array) -> tuple[int, ...]:
     """The shape of one storage unit (file) of a zarr array: its shard when sharded, else its chunk."""
     return tuple(array.shards or array.chunks)

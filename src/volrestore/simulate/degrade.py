@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from volrestore.errors import UserError
+from volrestore.io.storage import cast_rounded
 
 GRAMMAR = ("poisson:photons=P[,read=R][,blur=PSF.tif|.npy][,down=D][,seed=S] "
            "e.g. poisson:photons=20,read=2,blur=psf.tif,down=2; P and R may be ranges LO-HI (drawn per patch)")
@@ -237,11 +238,7 @@ def degrade_block(job: DegradeJob, block) -> None:
         # the noise of a chunk is keyed by its origin (and t/c index), never by where or when its task runs
         noisy = job.degradation(region[tuple(sel)], counter=block.origin + tuple(idx), ref=job.ref)
         result[tuple(sel)] = noisy[inner]
-    dtype = np.dtype(job.dtype)
-    if np.issubdtype(dtype, np.integer):
-        limits = np.iinfo(dtype)
-        result = np.clip(np.rint(result), limits.min, limits.max)
-    zarr.open_group(job.out, mode="r+")[job.out_array][block.write_slices] = result.astype(dtype)
+    zarr.open_group(job.out, mode="r+")[job.out_array][block.write_slices] = cast_rounded(result, job.dtype)
 
 
 def _read_block(path, array_path, block) -> np.ndarray:
