@@ -10,11 +10,11 @@ import time
 import traceback
 import uuid
 from concurrent.futures import FIRST_COMPLETED
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from volrestore.blockwise.blocks import Block
-from volrestore.cluster.client import connect, machine_cores
+from volrestore.cluster.client import machine_cores
 from volrestore.errors import UserError, file_of, first_line, resource_advice
 
 
@@ -89,14 +89,6 @@ def default_window(threads: int) -> int:
     """Tasks kept in flight on a cluster of `threads` worker threads: enough that the round trip of a finished task
     never idles a thread (tasks queue on the scheduler, not on the client), bounded so the client stays small."""
     return max(WINDOW_MIN, WINDOW_PER_THREAD * threads)
-
-
-@contextmanager
-def cluster_client(cluster, workers=None, echo=print):
-    """A Client for `cluster` (a spec such as "local" or "tcp://host:port", or a Client) via cluster.client.connect;
-    None when cluster is None: run_blockwise then runs in local threads and no cluster is started."""
-    with (nullcontext() if cluster is None else connect(cluster, workers, echo=echo)) as client:
-        yield client
 
 
 def block_label(block):

@@ -171,10 +171,14 @@ def connect(spec="local", workers: int | None = None, echo=print, threads_per_wo
     FILE.yaml    : a dask-jobqueue cluster (SLURM, PBS, LSF) described by the file, or a packaged one by name
                    (see volrestore.cluster.jobqueue); returns once its first worker joined, UserError when a job
                    submission fails or no worker joins within the file's worker_timeout.
+    None         : no cluster: yields None (the blockwise runner then uses threads of this process).
     The dashboard link is echoed only when bokeh is installed (without it the link would be dead).
     """
     from distributed import Client
 
+    if spec is None:
+        yield None
+        return
     if isinstance(spec, Client):
         yield spec
         return

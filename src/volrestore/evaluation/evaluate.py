@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from volrestore.blockwise.blocks import grid_blocks, grid_size
-from volrestore.blockwise.runner import cluster_client, run_blockwise
+from volrestore.blockwise.runner import run_blockwise
+from volrestore.cluster.client import connect
 from volrestore.evaluation import metrics
 from volrestore.io import ngff
 from volrestore.errors import UserError
@@ -142,7 +143,7 @@ def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_
         raise UserError(f"unknown range rule {mode!r}; use percentile or raw")
     p_img, r_img, m_img, s_img = _open_inputs(pred, ref, mask, std, level)
     run = uuid.uuid4().hex
-    with cluster_client(cluster, workers, echo=echo) as client:
+    with connect(cluster, workers, echo=echo) as client:
         offset, scale = _reference_range(r_img, block_planes, mode, run, client, progress)
         three_d = len(r_img.shape) == 3 and min(r_img.shape) >= 2 * metrics.SSIM_MARGIN + 1
         margin = metrics.SSIM_MARGIN if three_d else 0
@@ -276,7 +277,7 @@ def compare(methods: dict[str, str], reference, *, level=0, metric="psnr", mode=
     every method is evaluated on the same `cluster` (see evaluate)."""
     if len(methods) < 2:
         raise UserError("--compare needs at least two methods; give two or more restored images")
-    with cluster_client(cluster, workers, echo=echo) as client:
+    with connect(cluster, workers, echo=echo) as client:
         results = {
             name: evaluate(path, reference, level=level, mode=mode, block_planes=block_planes,
                            ms_ssim=metric == "ms_ssim", cluster=client, progress=progress)

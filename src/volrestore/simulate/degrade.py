@@ -141,7 +141,8 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     stderr.
     """
     from volrestore.blockwise.blocks import grid_blocks, grid_size
-    from volrestore.blockwise.runner import cluster_client, run_blockwise
+    from volrestore.blockwise.runner import run_blockwise
+    from volrestore.cluster.client import connect
     from volrestore.evaluation import metrics
     from volrestore.io import ngff, pyramid
 
@@ -166,7 +167,7 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
     total = grid_size(lvl.shape, unit)
     parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
-    with cluster_client(cluster, workers, echo=echo) as client:
+    with connect(cluster, workers, echo=echo) as client:
         _, _, (ref,) = metrics.run_percentiles(partial(_read_block, str(src), lvl.path),
                                                lambda: grid_blocks(lvl.shape, chunks), q=(99.9,), client=client,
                                                progress=progress, what="the clean image",
