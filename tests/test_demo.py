@@ -52,11 +52,12 @@ def test_demo_refuses_to_overwrite(demo_run):
     assert result.exit_code == 2 and "already exists" in result.output
 
 
-def test_restore_with_default_model(demo_run, tmp_path):
+def test_restore_with_default_model(demo_run, session_cluster, tmp_path):
     out, _ = demo_run
     restored = tmp_path / "r.ome.zarr"
     result = CliRunner().invoke(main, ["restore", str(out / "degraded.ome.zarr"), str(restored), "--model", "default",
-                                       "--samples", "2", "--steps", "1", "--std", "--workers", "1",
+                                       "--samples", "2", "--steps", "1", "--std",
+                                       "--cluster", session_cluster.scheduler.address,
                                        "--tile", "1", "48", "48", "--overlap", "8"])
     assert result.exit_code == 0, result.output
     info = ngff.read_info(restored)
@@ -64,7 +65,7 @@ def test_restore_with_default_model(demo_run, tmp_path):
     assert ngff.read_info(tmp_path / "r.std.ome.zarr").complete
 
 
-def test_default_model_adapts_to_the_image_intensity_units(demo_run, tmp_path):
+def test_default_model_adapts_to_the_image_intensity_units(demo_run, session_cluster, tmp_path):
     """normalise=image (the default model's default): gain and offset of the camera do not change the restoration."""
     import numpy as np
 
@@ -78,7 +79,7 @@ def test_default_model_adapts_to_the_image_intensity_units(demo_run, tmp_path):
     for name, src in (("native", out / "degraded.ome.zarr"), ("scaled", scaled)):
         dst = tmp_path / f"{name}.out.ome.zarr"
         result = CliRunner().invoke(main, ["restore", str(src), str(dst), "--model", "default", "--steps", "2",
-                                           "--workers", "1"])
+                                           "--cluster", session_cluster.scheduler.address])
         assert result.exit_code == 0, result.output
         results[name] = ngff.open_level(dst)[...].astype(np.float64)
         params = ngff.read_info(dst).provenance["parameters"]["model"]["options"]

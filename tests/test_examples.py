@@ -1,5 +1,5 @@
 """The quick light-sheet example end to end (examples/lightsheet/run.py --quick): pinned download from PyPI, convert,
-degrade at two photon budgets, train diffusion + regression, restore on a local Dask cluster, evaluate, figures."""
+degrade (one photon budget: 5), train diffusion + regression, restore on a local Dask cluster, evaluate, figures."""
 
 import importlib.util
 import json
@@ -37,21 +37,19 @@ def test_quick_lightsheet_example(tmp_path):
 
     figs = tmp_path / "figs"
     expected = ["rbc_before_after.png", "results.json"] + [
-        f"rbc_{tag}_{kind}.png" for tag in ("p20", "p5") for kind in ("psnr", "calibration", "slices", "std")]
+        f"rbc_p5_{kind}.png" for kind in ("psnr", "calibration", "slices", "std")]
     for name in expected:
         assert (figs / name).is_file() and (figs / name).stat().st_size > 1000, name
     assert json.loads((figs / "results.json").read_text())["quick"] is True
+    assert list(result["budgets"]) == list(example.QUICK_BUDGETS) == ["p5"]  # the full run adds 20 photons
     work = tmp_path / "work"
-    for tag in ("p20", "p5"):
-        for name in ("degraded", "gaussian", "regression", "diffusion_K1", "diffusion_K2", "diffusion_K2.std"):
-            assert (work / tag / f"{name}.ome.zarr" / "zarr.json").is_file(), (tag, name)
-        summary = {k: v["psnr"] for k, v in result["budgets"][tag]["summary"].items()}
-        # Even the 150-iteration CI models improve on the noisy input: the regression baseline at both budgets,
-        # DDPM-avg at 5 photons (at 20 photons 150 CPU iterations are not enough for the diffusion model to beat the
-        # input: 18.0 vs 18.2 dB here; the full run's 300 iterations give 23.9 vs 18.7 dB). Averaging K = 2 samples
-        # beats one sample at both budgets. Results are seeded, so these margins (>= 0.6 dB) do not flicker.
-        assert summary["regression"] > summary["degraded"], (tag, summary)
-        assert summary["diffusion_K2"] > summary["diffusion_K1"], (tag, summary)
-        if tag == "p5":
-            assert summary["diffusion_K2"] > summary["degraded"], (tag, summary)
-        assert 0.0 <= result["budgets"][tag]["calibration_2std"] <= 1.0
+    for name in ("degraded", "gaussian", "regression", "diffusion_K1", "diffusion_K2", "diffusion_K2.std"):
+        assert (work / "p5" / f"{name}.ome.zarr" / "zarr.json").is_file(), name
+    summary = {k: v["psnr"] for k, v in result["budgets"]["p5"]["summary"].items()}
+    # Even the 60-iteration CI models improve on the noisy input at 5 photons, and averaging K = 2 samples beats one
+    # (measured, dB: input 10.2, regression 20.4, DDPM-avg K = 2 12.8, one sample 11.3; the full run's 300 iterations
+    # give 24.9 and, with K = 4, 21.0). Results are seeded, so these margins do not flicker.
+    assert summary["regression"] > summary["degraded"] + 5, summary
+    assert summary["diffusion_K2"] > summary["degraded"] + 1, summary
+    assert summary["diffusion_K2"] > summary["diffusion_K1"] + 0.5, summary
+    assert 0.0 <= result["budgets"]["p5"]["calibration_2std"] <= 1.0
