@@ -91,7 +91,7 @@ def key(*parts) -> str:
 # silently report numbers the current code cannot reproduce.
 CODE_KEY = hashlib.sha1(b"".join(f.read_bytes() for f in sorted((ROOT / "src" / "volrestore").rglob("*.py")))
                         ).hexdigest()[:10]
-DEGRADE_KEY = hashlib.sha1((ROOT / "src" / "volrestore" / "degrade.py").read_bytes()).hexdigest()[:6]
+DEGRADE_KEY = hashlib.sha1((ROOT / "src" / "volrestore" / "simulate" / "degrade.py").read_bytes()).hexdigest()[:6]
 
 
 def photon_range(spec: str) -> tuple[float, float]:

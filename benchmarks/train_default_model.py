@@ -40,8 +40,12 @@ PHANTOM_SHAPE = (32, 128, 128)
 # Real volumes: RBC lattice light-sheet planes [0, 96) only (benchmarks/quality.py evaluates planes 112-150);
 # the CHO nuclei volume (Fluo-N3DH-CHO) is never trained on: it measures generalisation to unseen real data.
 REAL = {"RBC_lattice.tif": (slice(0, 96), slice(None), slice(None))}
-REAL_SHARE = 0.4  # share of patches from real volumes
+REAL_SHARE = 0.75  # share of patches from real volumes (0.4 in the first default: its output was phantom-smooth)
 PHOTONS, READ = (1.0, 100.0), (0.5, 3.0)
+# Real "clean" volumes are acquisitions with their own shot noise, and a restored real image keeps the texture the
+# input still shows; noiseless phantoms alone teach the net to paint smooth blobs over it. So every other phantom
+# target carries shot noise of a good acquisition (photons at the bright end, log-spaced over this range).
+TEXTURE_PHOTONS = (30.0, 300.0)
 PRESET, PATCH, BATCH = "small-2.5d", (64, 64), 8
 ITERATIONS, LR, WARMUP, EMA = 5000, 4e-3, 200, 0.999
 
@@ -51,6 +55,18 @@ def reference_units(vol: np.ndarray) -> tuple[float, float]:
     --normalise image (engine._input_range), so training and restoring put intensities on the same scale."""
     smooth = ndimage.gaussian_filter(vol.astype(np.float32), (0, 1, 1))
     return float(np.median(vol)), float(np.percentile(smooth, 99.9))
+
+
+def textured(clean: np.ndarray, index: int) -> np.ndarray:
+    """Odd-indexed phantoms become what a good acquisition of them looks like: Poisson shot noise at a photon budget
+    log-spaced over TEXTURE_PHOTONS (at the 99.9th percentile), in the phantom's units; even ones stay noiseless."""
+    if index % 2 == 0:
+        return clean
+    n = len(TRAIN_SEEDS) // 2
+    photons = TEXTURE_PHOTONS[0] * (TEXTURE_PHOTONS[1] / TEXTURE_PHOTONS[0]) ** ((index // 2) / max(n - 1, 1))
+    scale = photons / float(np.percentile(clean, 99.9))
+    rng = np.random.default_rng([index, 17])
+    return (rng.poisson(np.clip(clean, 0, None) * scale) / scale).astype(np.float32)
 
 
 class Source:
@@ -78,7 +94,8 @@ class MixedBatches:
         import tifffile
 
         self.seed = seed
-        self.phantoms = [Source(synthetic.phantom(PHANTOM_SHAPE, seed=s), seed=s) for s in TRAIN_SEEDS]
+        self.phantoms = [Source(textured(synthetic.phantom(PHANTOM_SHAPE, seed=s), i), seed=s)
+                         for i, s in enumerate(TRAIN_SEEDS)]
         self.real = []
         for name, region in REAL.items():
             path = data_dir / name
@@ -118,6 +135,7 @@ def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = I
                             ema_decay=EMA, checkpoint_every=250, seed=0)
     provenance = {"data": {"phantoms": list(TRAIN_SEEDS), "phantom_shape": list(PHANTOM_SHAPE),
                            "real": {k: str(v) for k, v in REAL.items()}, "real_share": REAL_SHARE,
+                           "textured_phantoms": {"every": 2, "photons": list(TEXTURE_PHOTONS)},
                            "held_out_real": "Fluo-N3DH-CHO_02_img.tif"},
                   "degradation": {"photons": list(PHOTONS), "read": list(READ), "blur": None},
                   "units": "reference (median -> 0, smoothed p99.9 -> 1)", "val_seed": VAL_SEED,

@@ -27,6 +27,10 @@ def test_benchmark_json_fields_are_complete_and_consistent():
     assert r["hours_per_tb"] == pytest.approx(1e12 / 2 / r["e2e_voxels_per_s"] / 3600)
     assert r["hours_per_tb_bare"] == pytest.approx(1e12 / 2 / r["bare_voxels_per_s"] / 3600)
     assert r["flop_per_evaluation"] > 0
+    # Projected to restore's defaults for this model (K = 1, the sampler's default steps), linear in K x steps.
+    assert r["default_samples"] == 1 and r["default_steps"] == 12
+    assert r["hours_per_tb_default"] == pytest.approx(r["hours_per_tb"] * 12 / (2 * 2))
+    assert r["evaluations_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * 16**3 / 16**3)
     assert r["flop_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * r["flop_per_evaluation"] / r["voxels"])
     assert r["achieved_flop_per_s"] == pytest.approx(r["flop_per_voxel"] * r["bare_voxels_per_s"])
     assert r["e2e_flop_per_s"] == pytest.approx(r["flop_per_voxel"] * r["e2e_voxels_per_s"])
@@ -58,6 +62,11 @@ def test_benchmark_defaults_measure_the_default_model_on_its_default_tile():
     from volrestore.model.diffusion_restorer import DEFAULT_TILE
 
     cfg = benchmark.default_preset()
-    tile, _ = DEFAULT_TILE[cfg["spatial_dims"]]
+    from volrestore.blockwise.grid import AxisGrid
+
+    tile, overlap = DEFAULT_TILE[cfg["spatial_dims"]]
     size = benchmark.default_size(cfg, "cpu")
-    assert size[-len(tile):] == tuple(tile) and (cfg["spatial_dims"] == 3 or size[0] == 1)  # exactly one tile
+    assert cfg["spatial_dims"] == 3 or size[0] == 1
+    # Exactly one tile of the model's real default shape, covering the volume with its full overlap as context.
+    assert [AxisGrid(n, t, overlap).count for n, t in zip(size[-len(tile):], tile)] == [1] * len(tile)
+    assert [AxisGrid(n + 1, t, overlap).count for n, t in zip(size[-len(tile):], tile)] == [2] * len(tile)

@@ -21,9 +21,10 @@ from volrestore.model import nets
 from volrestore.cluster.client import connect, is_gpu_cluster, task_resources
 from volrestore.errors import UserError
 from volrestore.model.diffusion import Schedule
-from volrestore.model.diffusion_restorer import default_steps
+from volrestore.model.diffusion_restorer import OPTIONS, default_steps
 from volrestore.model.restorer import BuildRestorer, restorer_for
 
+RESTORE_SAMPLES = OPTIONS["samples"]  # restore's default K
 TB_VOXELS = 1e12 / 2  # voxels in a terabyte of uint16
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name();
 # the PCIe/NVL H100s come first because their names also contain "H100" but their clocks (peaks) are lower.
@@ -69,6 +70,12 @@ FIELDS = {
     "hours_per_tb": "projected hours for a terabyte of uint16 (5e11 voxels) at e2e_voxels_per_s: "
                     "5e11 / e2e_voxels_per_s / 3600",
     "hours_per_tb_bare": "the same at bare_voxels_per_s",
+    "default_samples": "K of `volrestore restore` with this model's defaults",
+    "default_steps": "sampler steps of `volrestore restore` with this model's defaults",
+    "hours_per_tb_default": "hours_per_tb scaled to restore's defaults: x (default_samples x default_steps) / "
+                            "(samples x steps); time is linear in both",
+    "evaluations_per_voxel": "network evaluations each volume voxel passes through in a bare pass: "
+                             "evaluations_per_pass x tile voxels / voxels (overlap and padding included)",
     "peak_rss_mib": "peak resident memory of the model worker process (MiB, ru_maxrss; the maximum over workers)",
     "peak_gpu_mib_bare": "torch.cuda.max_memory_allocated during a bare pass (MiB; null on CPU)",
     "peak_gpu_mib_e2e": "torch.cuda.max_memory_allocated during the end-to-end run, maximum over workers (MiB; null on CPU)",
@@ -93,7 +100,10 @@ def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", 
         raise UserError("--device cuda: no GPU is visible to this process; use --device cpu")
     cfg = nets.load_preset(default_preset() if preset == "default" else preset)
     sampler = sampler or ("ancestral" if cfg.get("schedule") == "cosine" else "dpmpp2m")
-    steps = steps or default_steps(sampler, Schedule(kind=cfg["schedule"]))
+    full_steps = default_steps(sampler, Schedule(kind=cfg["schedule"]))
+    # On a CPU one step is measured unless asked (time is linear in steps; hours_per_tb_default scales it), so the
+    # defaults finish in a few minutes on a laptop while still timing the model's real default tile.
+    steps = steps or (1 if device == "cpu" else full_steps)
     shape = parse_size(size, None) if size is not None else default_size(cfg, device)
     if cluster is None:
         cluster, workers = ("cuda", workers) if device == "cuda" else ("local", workers or 1)
@@ -128,7 +138,11 @@ def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", 
         "evaluations_per_pass": before["evaluations"], "flop_per_evaluation": flop, "flop_per_voxel": flop_per_voxel,
         "achieved_flop_per_s": achieved, "e2e_flop_per_s": flop_per_voxel * e2e if flop_per_voxel else None,
         "peak_bf16_flop_per_s": peak, "peak_share": achieved / peak if peak and achieved else None,
-        "hours_per_tb": hours_per_tb(e2e), "hours_per_tb_bare": hours_per_tb(bare), "peak_rss_mib": rss,
+        "hours_per_tb": hours_per_tb(e2e), "hours_per_tb_bare": hours_per_tb(bare),
+        "default_samples": RESTORE_SAMPLES, "default_steps": full_steps,
+        "hours_per_tb_default": hours_per_tb(e2e) * RESTORE_SAMPLES * full_steps / (samples * steps),
+        "evaluations_per_voxel": (before["evaluations"] * math.prod(plan.grid.tile_shape) / voxels
+                                  if before["evaluations"] is not None else None), "peak_rss_mib": rss,
         "peak_gpu_mib_bare": before["peak_gpu_mib"], "peak_gpu_mib_e2e": max(gpu_e2e) if gpu_e2e else None,
         "seconds": time.perf_counter() - t_start, "load_average": os.getloadavg()[0],
     }
@@ -146,7 +160,7 @@ def _measure(client, spec, plan, src, out, ckpt, restore_kw: dict) -> dict:
     summary = engine.restore(src, out, model=ckpt, cluster=client, progress=False, echo=lambda *_: None, **restore_kw)
     e2e_wall = time.perf_counter() - t0
     gpu_e2e = [m for m in client.run(_gpu_peak_mib).values() if m is not None]
-    after = client.submit(bare_pass, spec, plan, pure=False, resources=res).result()
+    after = client.submit(bare_pass, spec, plan, warm_up=False, pure=False, resources=res).result()
     flop = client.submit(model_flop, spec, plan, pure=False, resources=res).result()
     return {"before": before, "after": after, "summary": summary, "e2e_wall": e2e_wall, "gpu_e2e": gpu_e2e,
             "flop": flop, "rss": max(client.run(_rss_mib).values()),
@@ -177,11 +191,16 @@ def default_preset() -> dict:
 
 
 def default_size(cfg: dict, device: str) -> tuple[int, int, int]:
-    """The default generated volume: on CPU one default tile of a 2D/2.5D model (1 x 512 x 512) or one 64^3 tile of
-    a 3D one, so the defaults finish in minutes on a laptop; on CUDA enough tiles to fill a GPU."""
+    """The default generated volume: on CPU exactly one default tile of the model (its core, tile - 2 x overlap per
+    axis, so the one tile covers it with full context: 1 x 448 x 448 for 2D/2.5D, 32^3 for 3D), so the defaults
+    finish in minutes on a laptop; on CUDA enough tiles to fill a GPU."""
+    from volrestore.model.diffusion_restorer import DEFAULT_TILE
+
     if device == "cuda":
         return (16, 1024, 1024) if cfg["spatial_dims"] == 2 else (256, 256, 256)
-    return (1, 512, 512) if cfg["spatial_dims"] == 2 else (64, 64, 64)
+    tile, overlap = DEFAULT_TILE[cfg["spatial_dims"]]
+    core = tuple(t - 2 * overlap for t in tile)
+    return (1, *core) if cfg["spatial_dims"] == 2 else core
 
 
 def parse_size(size, default: int | None) -> tuple[int, int, int]:
@@ -255,7 +274,7 @@ def recompute_factor(plan) -> float:
     return calls / plan.grid.n_tiles
 
 
-def bare_pass(spec, plan) -> dict:
+def bare_pass(spec, plan, warm_up: bool = True) -> dict:
     """The restorer alone on every grid tile once, in batches of exactly plan.batch (padded as the engine does).
 
     Runs on a worker (the restorer cached there, its threads and device). Returns voxels/s over the volume, tiles,
@@ -275,7 +294,8 @@ def bare_pass(spec, plan) -> dict:
             x = np.stack([data[np.ix_(*(ax.tile_index(k, 0) for ax, k in zip(grid.axes, t)))] for t in group])
             yield (x[:, 0] if squeeze and not restorer.z_context else x), [tuple(ax.start(k) for ax, k in zip(grid.axes, t)) for t in group]
 
-    restorer(*next(batches()), plan.seed)  # warm-up: allocator, cuDNN autotuning, torch.compile
+    if warm_up:  # allocator, cuDNN autotuning, torch.compile; the pass after the end-to-end run needs none
+        restorer(*next(batches()), plan.seed)
     _reset_gpu_peak()
     with _counting(restorer) as count:
         t0 = time.perf_counter()
@@ -299,10 +319,11 @@ def model_flop(spec, plan) -> int | None:
     tile = plan.grid.tile_shape[-restorer.spatial_dims:]
     dev = next(net.parameters()).device
     x = torch.zeros((1, 1, *tile), device=dev)
+    cond = torch.zeros((1, 1 + 2 * getattr(net, "z_context", 0), *tile), device=dev)  # 2.5D: neighbour slices too
     t = torch.full((1,), 100.0, device=dev)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter, \
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        net(x, x, t)
+        net(cond, x, t)
     return int(counter.get_total_flops())
 
 

@@ -50,7 +50,9 @@ def load_preset(name_or_path: str | Path | dict) -> dict:
             raise UserError(f"preset {where} is not valid YAML: {exc}") from None
         if not isinstance(cfg, dict):
             raise UserError(f"preset {where} must be a YAML mapping of network settings")
-        cfg = dict(cfg, name=cfg.get("name", Path(str(name_or_path)).stem))
+        # The preset's own name, or its file's name without .yaml (not Path.stem: "small-2.5d" has a dot).
+        base = Path(str(name_or_path)).name
+        cfg = dict(cfg, name=cfg.get("name", base.rsplit(".", 1)[0] if base.endswith((".yaml", ".yml")) else base))
     name = cfg.get("name", "?")
     for key, what in _SPATIAL_STATISTICS.items():
         if key in cfg:
