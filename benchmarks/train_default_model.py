@@ -155,15 +155,20 @@ def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = I
 
 def finish(out, seconds: float, log=print) -> dict:
     """Ship a checkpoint: drop the optimizer state (not part of the model or its hash), store the EMA weights (the
-    ones restoring uses) as the model weights too (torch.save writes shared tensors once: half the file; continuing
-    training from a shipped model starts from its EMA), and record the training time."""
+    ones restoring uses) in float16 as the model weights too (torch.save writes shared tensors once; float16 halves
+    the file again, and the magnitude-preserving net renormalises its weights on every forward, so restored images
+    change by far less than a dB: measured in src/volrestore/models/README.md; loading casts them back to float32;
+    continuing training from a shipped model starts from its EMA), and record the training time."""
     ck = checkpoint.load_checkpoint(out)
     history = ck.get("history") or [{}]
     if not seconds and history[-1].get("it_per_s"):  # shipping an interrupted run: estimate from its own log
         seconds = ck["iteration"] / history[-1]["it_per_s"]
     ck["provenance"]["train_seconds"] = round(seconds)
     ck.pop("optimizer", None)
+    ck["ema"] = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["ema"].items()}
     ck["model"] = ck["ema"]
+    ck["preset"] = dict(ck["preset"], name=PRESET)
+    ck["normalise"] = "image"  # trained in reference units: any copy of it, given by path, measures the image  # runs before 2026-12-02 stored "small-2" (a Path.stem slip)
     ck = checkpoint.save_checkpoint(out, ck)
     log(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), iteration {ck['iteration']}, hash {ck['hash'][:12]}")
     return ck

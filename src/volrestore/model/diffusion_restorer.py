@@ -76,13 +76,15 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
     extras = {**EXTRAS, **{k: v for k, v in options.items() if k in EXTRAS}}
-    opts["normalise"] = opts["normalise"] or ("image" if name == "default" else "model")
+    path = _model_path(name)
+    ck = load_checkpoint(path)
+    # A checkpoint may name its own normalisation (the shipped model says "image"), so a copy of it given by path
+    # restores as `--model default` does; older checkpoints: "image" for the default, else "model".
+    opts["normalise"] = opts["normalise"] or ck.get("normalise") or ("image" if name == "default" else "model")
     if opts["normalise"] not in ("image", "model"):
         raise UserError(f"--normalise must be image or model, got {opts['normalise']!r}")
     if opts["input_range"] is not None:
         opts["input_range"] = tuple(float(v) for v in opts["input_range"])
-    path = _model_path(name)
-    ck = load_checkpoint(path)
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
     spatial_dims = int(ck["preset"]["spatial_dims"])
