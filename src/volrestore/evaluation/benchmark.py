@@ -116,6 +116,13 @@ def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", 
         with connect(cluster, workers, echo=lambda *_: None) as client:
             m = _measure(client, spec, plan, src, tmp / "output.ome.zarr", ckpt,
                          dict(tile=tile, overlap=overlap, batch=batch, seed=seed, **options))
+    return _fields(cfg, params, device, cluster, m, plan, shape, batch=batch, samples=samples, sampler=sampler,
+                   steps=steps, full_steps=full_steps, compile=compile, t_start=t_start)
+
+
+def _fields(cfg, params, device, cluster, m, plan, shape, *, batch, samples, sampler, steps, full_steps, compile,
+            t_start) -> dict:
+    """The FLOP-counted, per-voxel report of one benchmark run (FIELDS), from _measure's readings."""
     before, after, summary, n_workers = m["before"], m["after"], m["summary"], m["workers"]
     flop, e2e_wall, rss, gpu_e2e = m["flop"], m["e2e_wall"], m["rss"], m["gpu_e2e"]
     voxels = math.prod(shape)
