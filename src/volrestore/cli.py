@@ -216,6 +216,9 @@ def _print_info(info):
 @click.option("--normalise", type=click.Choice(["image", "model"]), default=None,
               help="Model option (diffusion): map this image's 0.1-99.9 percentiles onto the training data's "
                    "(image; the default model's default) or use the checkpoint's own intensity map (model).")
+@click.option("--noise", type=click.Choice(["cells", "voxel"]), default=None,
+              help="Model option (diffusion): the sampler's noise field, keyed by global voxel either way: cells "
+                   "(numpy, the CPU's default) or voxel (Philox4x32 drawn on the network's device, the GPU's).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def restore_command(src, out, tile, chunks, block, as_json, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""

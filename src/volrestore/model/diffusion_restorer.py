@@ -18,7 +18,8 @@ from volrestore.config import ModelRef
 from volrestore.model.restorer import RestorerSpec
 from volrestore.model.checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
 
-OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalise": None, "input_range": None}
+OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalise": None, "input_range": None,
+           "noise": None}
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
@@ -86,6 +87,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     if opts["input_range"] is not None:
         opts["input_range"] = tuple(float(v) for v in opts["input_range"])
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
+    opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
     spatial_dims = int(ck["preset"]["spatial_dims"])
     tile, overlap = DEFAULT_TILE[spatial_dims]
@@ -101,6 +103,18 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         default_tile=tile,
         default_overlap=overlap,
     )
+
+
+def _noise_scheme(choice, device: str) -> str:
+    """The noise field's scheme (a result-defining option, so provenance names it): asked for (cells | voxel or a
+    scheme's full name), else the one drawn where the network runs: numpy cells on a CPU, where they are 1.4-13x
+    faster than the torch generator (benchmarks/README.md), Philox per voxel on a GPU."""
+    if choice is None:
+        on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        return noise.DEVICE_SCHEME if on_gpu else noise.SCHEME
+    if choice not in noise.SCHEMES:
+        raise UserError(f"noise must be cells or voxel (or {noise.SCHEME} / {noise.DEVICE_SCHEME}), got {choice!r}")
+    return noise.SCHEMES[choice]
 
 
 # Default tiles, chosen for throughput: the magnitude-preserving U-Net has no statistics over space, so a voxel's
@@ -120,7 +134,7 @@ class DiffusionRestorer:
 
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
-                 normalise: str = "model", input_range=None):
+                 normalise: str = "model", input_range=None, noise: str = noise.SCHEME):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -151,6 +165,7 @@ class DiffusionRestorer:
         self.sampler = sampler
         self.steps = steps or default_steps(sampler, self.schedule)
         self.outputs = ("mean", "std") if std else ("mean",)
+        self.noise_scheme = _noise_scheme(noise, device)
         # bf16 autocast for the network only on CUDA; the sampler's state and arithmetic stay fp32.
         net = torch.compile(self.net) if compile else self.net  # recompiles per tile shape: keep tiles fixed
         self.denoiser = dfn.Denoiser(net, self.schedule, self.objective, self.norm.clip,
@@ -182,6 +197,9 @@ class DiffusionRestorer:
             box = (1,) * (len(origins[0]) - self.spatial_dims) + tuple(spatial)
 
             def noise_fn(step, shape):
+                if self.noise_scheme == noise.DEVICE_SCHEME:  # drawn on the network's device: nothing to copy
+                    return torch.stack([noise.field_torch(origin, box, seed, sample, step, device=self.device)
+                                        .reshape(shape[2:]) for origin in origins for sample in range(k)])[:, None]
                 z = np.stack([noise.field(origin, box, seed, sample, step).reshape(shape[2:])
                               for origin in origins for sample in range(k)])
                 return torch.from_numpy(z[:, None]).to(self.device)
