@@ -18,6 +18,7 @@ from volrestore.cluster.client import connect, task_resources
 from volrestore.config import ModelRef, RestoreConfig
 from volrestore.errors import UserError
 from volrestore.io import ngff, pyramid
+from volrestore.model import memory
 from volrestore.model.restorer import BuildRestorer, RestorerSpec
 
 # Block tasks per GPU worker at a time: each holds 1/BLOCKS_PER_GPU of the worker's GPU resource. While one block's
@@ -64,6 +65,7 @@ def run_restore(config: RestoreConfig, cluster="local", *, workers=None, echo=pr
             return {"blocks": total, "skipped": total, "restored": 0, "empty": 0}
         with connect(cluster, workers, echo=echo) as client:
             _build_on_workers(client, prepared.spec)  # a model that cannot load fails here, before anything is written
+            _check_memory(client, prepared)  # so does a tile (or, on CPUs, a batch) that cannot fit
             if outputs.state is None:
                 if config.nan == "error" and np.issubdtype(np.dtype(_input_dtype(prepared)), np.inexact):
                     _check_finite(client, prepared.plan, progress)
@@ -158,6 +160,31 @@ def _build_on_workers(client, spec):
         client.register_plugin(BuildRestorer(spec))
     except Exception as exc:
         raise UserError(f"model {spec.name} could not be built on the workers: {type(exc).__name__}: {exc}") from None
+
+
+def _check_memory(client, prepared: Prepared) -> None:
+    """Measure one restorer call on a worker (model.memory.probe) and refuse a tile whose single-tile call cannot fit
+    there, naming the largest that does. A batch that does not fit is refused on CPU workers, where running out of
+    memory kills the worker; GPU workers halve it at run time instead (tasks._restore_batch)."""
+    plan, spec = prepared.plan, prepared.spec
+    tile = plan.grid.tile_shape
+    res = task_resources(client)
+    measured = client.submit(memory.probe, spec, tile, plan.batch, pure=False, resources=res).result()
+    if measured is None:
+        return
+    gib = 2.0**30
+    one_tile = measured["fixed"] + measured["per_voxel"] * math.prod(tile)
+    where = f"{measured['device']} ({measured['capacity'] / gib:.1f} GiB usable per call)"
+    if one_tile > measured["capacity"]:
+        fits = memory.largest_tile(tile, measured, spec.size_multiple, plan.grid.axes[-1].overlap)
+        advice = (f"use --tile {' '.join(map(str, fits))} or smaller (the largest that fits), or fewer --samples"
+                  if fits else "use fewer --samples or a device with more memory")
+        raise UserError(f"tile {'x'.join(map(str, tile))} needs {one_tile / gib:.1f} GiB per restorer call on the "
+                        f"workers' {where}; {advice}")
+    if measured["per_call"] > measured["capacity"] and not res:
+        fits = int((measured["capacity"] - measured["fixed"]) // (measured["per_voxel"] * math.prod(tile)))
+        raise UserError(f"--batch {plan.batch} needs {measured['per_call'] / gib:.1f} GiB per restorer call on the "
+                        f"workers' {where}; use --batch {max(fits, 1)} or smaller")
 
 
 def _check_finite(client, plan, progress):

@@ -172,6 +172,25 @@ class DiffusionRestorer:
                                      autocast=self.device.type == "cuda")
 
     @torch.inference_mode()
+    def forward_bytes(self, spatial: tuple[int, ...]) -> float:
+        """Peak bytes one network evaluation of one sample allocates on a tile of `spatial` size (the restorer's
+        axes; a 2D model's leading 1 is dropped): model.memory scales it to the real tile, samples and batch."""
+        from volrestore.model import memory
+
+        spatial = tuple(spatial)[-self.spatial_dims:]
+        cond = torch.zeros((1, 1 + 2 * self.z_context, *spatial), device=self.device)
+        x = None if self.regression else torch.zeros((1, 1, *spatial), device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.denoiser(x, 1.0, cond)
+            return float(torch.cuda.max_memory_allocated(self.device) - before)
+        with memory.LiveBytes() as meter:
+            self.denoiser(x, 1.0, cond)
+        return float(meter.peak)
+
+    @torch.inference_mode()
     def __call__(self, tiles: np.ndarray, origins: list[tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
         c = self.z_context
         if c and tiles.ndim == self.spatial_dims + 1:  # a 2D image has no neighbouring slices: repeat the one
