@@ -223,3 +223,15 @@ def pin_torch_threads() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def deterministic_cuda() -> None:
+    """Fixed GPU kernels: cuDNN's autotuner off (it may pick another convolution algorithm per run, and so other
+    float sums) and deterministic algorithms where torch has them (warn-only: an op without one still runs).
+    cuBLAS needs its workspace fixed before its first call for reproducible matrix products."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)

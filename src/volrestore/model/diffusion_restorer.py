@@ -13,7 +13,7 @@ from volrestore.model import diffusion as dfn
 from volrestore.model import nets
 from volrestore.model import noise
 from volrestore.errors import UserError
-from volrestore.cluster.client import pin_torch_threads
+from volrestore.cluster.client import deterministic_cuda, pin_torch_threads
 from volrestore.config import ModelRef
 from volrestore.model.restorer import RestorerSpec
 from volrestore.model.checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
@@ -145,6 +145,8 @@ class DiffusionRestorer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             pin_torch_threads()
+        else:
+            deterministic_cuda()
         self.device = torch.device(device)
         self.net = model_from_checkpoint(ck).to(self.device)
         self.spatial_dims, self.size_multiple = self.net.spatial_dims, self.net.size_multiple
@@ -208,7 +210,10 @@ class DiffusionRestorer:
         # All tiles of the call with their K samples as one batch (tile-major), so a GPU sees B·K samples per forward.
         # A sample's float result depends on the batch's size but not on the other samples' values, and the engine
         # always calls with exactly --batch tiles: a tile's output does not depend on which tiles share its call.
-        cond = torch.from_numpy(unit).float().to(self.device).repeat_interleave(k, dim=0)
+        host = torch.from_numpy(unit).float()
+        if self.device.type == "cuda":  # page-locked, so the copy is one DMA that does not stage through pageable memory
+            host = host.pin_memory()
+        cond = host.to(self.device, non_blocking=True).repeat_interleave(k, dim=0)
         if self.regression:
             x = self.denoiser(None, 0.0, cond)
         else:
