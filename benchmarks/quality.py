@@ -80,7 +80,7 @@ QUICK_CROPS = {
 }
 METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "ddpm", "ancestral", "default")
 ORDER = ("raw", "gaussian", "bm4d", "care", "regression", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
-         "ancestral", "default")
+         "ancestral", "default", "default_ddpm")
 
 
 def key(*parts) -> str:
@@ -488,15 +488,21 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
         from volrestore.model.diffusion_restorer import default_model_path
 
         k = QUICK_DEFAULT_K if args.quick else DEFAULT_K
-        path = default_model_path()
-        h = hashlib.sha1(path.read_bytes()).hexdigest()[:10] if path.exists() else "none"
-        for p in args.photons:
-            try:
-                out, _, wall = restore(noisy_paths[p], "default", f"default-{key(h, k, CODE_KEY)}", samples=k,
-                                       cluster=args.cluster)
-                add(p, "default", f"shipped default model K={k}", path=out, t=wall, note="not trained on this volume")
-            except Exception as exc:
-                add(p, "default", f"shipped default model K={k}", failed=str(exc)[:160])
+        # What `restore IN OUT` gives (the shipped regression), and the shipped diffusion model's K-sample average.
+        for method, kind, opts, label in (("default", "regression", {}, "shipped default (regression)"),
+                                          ("default_ddpm", "diffusion", {"samples": k},
+                                           f"shipped default-diffusion K={k}")):
+            path = default_model_path(kind)
+            if not path.exists():
+                continue
+            h = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+            for p in args.photons:
+                try:
+                    out, _, wall = restore(noisy_paths[p], f"default-{kind}", f"{method}-{key(h, opts, CODE_KEY)}",
+                                           cluster=args.cluster, **opts)
+                    add(p, method, label, path=out, t=wall, note="not trained on this volume")
+                except Exception as exc:
+                    add(p, method, label, failed=str(exc)[:160])
     # CARE last: our training finds out first whether the CLI takes a photon range, and CARE copies that.
     if "care" in args.methods:
         py, why = care_python(args.base, install_care)

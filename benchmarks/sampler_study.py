@@ -1,6 +1,6 @@
 """Sampler study: DDIM / DPM-Solver++ steps vs 200-step ancestral, K samples, vs the regression baseline; CPU.
 
-    python benchmarks/sampler_study.py [--model src/volrestore/models/default.pt]
+    python benchmarks/sampler_study.py [--model src/volrestore/models/default-diffusion.pt]
         [--regression runs/default_model/regression.pt] [--shape 16x48x48] [--out runs/sampler_study]
 
 Held-out phantoms (EVAL_SEEDS of train_default_model.py, never trained on) degraded at `--degrade` are restored whole
@@ -92,7 +92,7 @@ def plot(res: dict, path) -> None:
 def main():
     root = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(root / "src/volrestore/models/default.pt"))
+    ap.add_argument("--model", default=str(root / "src/volrestore/models/default-diffusion.pt"))
     ap.add_argument("--regression", default=str(root / "runs/default_model/regression.pt"))
     ap.add_argument("--shape", default="16x48x48", help="held-out volume ZxYxX (multiples of 4, >= 7)")
     ap.add_argument("--seeds", default=",".join(map(str, EVAL_SEEDS)))

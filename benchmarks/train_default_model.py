@@ -1,9 +1,11 @@
-"""Reproduce the shipped default model (src/volrestore/models/default.pt): a blind 2.5D magnitude-preserving U-Net
-trained on synthetic phantoms plus one real lattice light-sheet volume; the CHO nuclei volume is kept out entirely.
+"""Reproduce the shipped default models (src/volrestore/models/default-diffusion.pt and default-regression.pt): blind
+2.5D magnitude-preserving U-Nets, the same net, data and budget with the EDM or the regression objective, trained on
+synthetic phantoms plus one real lattice light-sheet volume; the CHO nuclei volume is kept out entirely.
 
     bash ../shared/data/fetch-samples.sh data                     # real volumes (sha256-checked), git-ignored
-    python benchmarks/train_default_model.py --data data           # -> runs/default_model/default.pt, then copy it
-    python benchmarks/train_default_model.py --objective regression --out runs/default_model/regression.pt
+    python benchmarks/train_default_model.py --data data           # -> runs/default_model/default-diffusion.pt
+    python benchmarks/train_default_model.py --data data --objective regression \
+        --out runs/default_model/default-regression.pt             # then copy both into src/volrestore/models/
 
 Blind to the noise level: every patch gets its own photon budget (log-uniform 1-100 photons at the bright end) and
 read noise (0.5-3 photons). Any intensity units: each volume is put into reference units (its median -> 0, its
@@ -177,7 +179,7 @@ def finish(out, seconds: float, log=print) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objective", default="edm", choices=("edm", "v", "eps", "regression"))
-    ap.add_argument("--out", default=str(ROOT / "runs/default_model/default.pt"))
+    ap.add_argument("--out", default=str(ROOT / "runs/default_model/default-diffusion.pt"))
     ap.add_argument("--data", default=str(ROOT / "data"), help="folder with the fetched sample volumes")
     ap.add_argument("--iterations", type=int, default=ITERATIONS)
     ap.add_argument("--threads", type=int, default=1)

@@ -125,7 +125,7 @@ def test_restore_without_model_uses_the_shipped_default_model(tmp_path):
     result = cli("restore", src, out, "--steps", 1, "--workers", 1, "--tile", 1, 32, 32, "--overlap", 8)
     assert result.exit_code == 0, result.output
     model = ngff.read_info(out).provenance["parameters"]["model"]
-    assert model["name"].endswith("default.pt"), model
+    assert model["name"].endswith("default-diffusion.pt"), model  # --steps asks for the diffusion model
     assert not np.array_equal(ngff.open_level(out)[...], data)  # restored, not copied
 
 

@@ -30,6 +30,7 @@ def test_benchmark_json_fields_are_complete_and_consistent():
     # Projected to restore's defaults for this model (K = 1, the sampler's default steps), linear in K x steps.
     assert r["default_samples"] == 1 and r["default_steps"] == 12
     assert r["hours_per_tb_default"] == pytest.approx(r["hours_per_tb"] * 12 / (2 * 2))
+    assert r["hours_per_tb_regression"] == pytest.approx(r["hours_per_tb"] / (2 * 2))
     assert r["evaluations_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * 16**3 / 16**3)
     assert r["flop_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * r["flop_per_evaluation"] / r["voxels"])
     assert r["achieved_flop_per_s"] == pytest.approx(r["flop_per_voxel"] * r["bare_voxels_per_s"])

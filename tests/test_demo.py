@@ -17,19 +17,39 @@ from volrestore.model.diffusion_restorer import default_model_path
 MIN_GAIN_DB = 2.0  # measured on this configuration: see src/volrestore/models/README.md
 
 
-def test_default_model_is_shipped_and_resolves():
-    path = default_model_path()
+@pytest.mark.parametrize("kind, objective", [("diffusion", "edm"), ("regression", "regression")])
+def test_default_models_are_shipped(kind, objective):
+    path = default_model_path(kind)
     assert path.is_file() and path.stat().st_size < 5 * 2**20  # tracked files stay under 5 MiB (weights in float16)
     ck = checkpoint.load_checkpoint(path)
     assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {__import__("torch").float16}
-    assert ck["normalise"] == "image" and ck["preset"]["name"] == "small-2.5d"
-    spec = registry.resolve(ModelRef.parse("default", samples=2, std=True))
-    # a 2.5D model: a 2D net that sees 2 neighbouring z-slices on each side
-    assert spec.name == str(path) and spec.spatial_dims == 2 and spec.z_context == 2
-    assert spec.outputs == ("mean", "std")
-    data = checkpoint.load_checkpoint(path)["provenance"]["data"]
+    assert ck["normalise"] == "image" and ck["preset"]["name"] == "small-2.5d" and ck["objective"] == objective
+    data = ck["provenance"]["data"]
     assert demo.SEED not in data["phantoms"]  # the demo shows a phantom the model never saw
     assert data["held_out_real"] == "Fluo-N3DH-CHO_02_img.tif"
+
+
+def test_default_is_the_regression_unless_samples_are_asked_for():
+    plain = registry.resolve(ModelRef.parse("default"))
+    assert plain.name == str(default_model_path("regression")) and plain.outputs == ("mean",)
+    for options in ({"samples": 2, "std": True}, {"steps": 4}, {"sampler": "ddim"}):
+        spec = registry.resolve(ModelRef.parse("default", **options))
+        assert spec.name == str(default_model_path("diffusion")), options
+    spec = registry.resolve(ModelRef.parse("default", samples=2, std=True))
+    # a 2.5D model: a 2D net that sees 2 neighbouring z-slices on each side
+    assert spec.spatial_dims == 2 and spec.z_context == 2 and spec.outputs == ("mean", "std")
+    assert registry.resolve(ModelRef.parse("default-diffusion")).name == str(default_model_path("diffusion"))
+
+
+def test_std_from_the_regression_points_to_the_diffusion_model(tmp_path):
+    from _io_helpers import assert_user_error
+
+    src = tmp_path / "in.ome.zarr"
+    ngff.create_image(src, shape=(1, 32, 32), dtype="float32", axes=list("zyx"), scale=[1, 1, 1], chunks=(1, 32, 32))
+    ngff.set_complete(src)
+    result = CliRunner().invoke(main, ["restore", str(src), str(tmp_path / "o.ome.zarr"), "--model",
+                                       "default-regression", "--std"])
+    assert_user_error(result, tmp_path / "o.ome.zarr", contains="--model default-diffusion")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +105,23 @@ def test_restore_with_default_model(degraded, session_cluster, tmp_path):
     info = ngff.read_info(restored)
     assert info.complete and info.provenance["parameters"]["model"]["name"] == str(default_model_path())
     assert ngff.read_info(tmp_path / "r.std.ome.zarr").complete
+
+
+def test_plain_restore_uses_the_regression_and_restores_the_demo_phantom(degraded, session_cluster, tmp_path):
+    import numpy as np
+
+    from volrestore.evaluation import metrics
+    from volrestore.simulate import synthetic
+
+    restored = tmp_path / "r.ome.zarr"
+    result = CliRunner().invoke(main, ["restore", str(degraded), str(restored),
+                                       "--cluster", session_cluster.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert ngff.read_info(restored).provenance["parameters"]["model"]["name"] == str(default_model_path("regression"))
+    clean = synthetic.phantom((16, 32, 32), seed=demo.SEED)
+    before = metrics.psnr(ngff.open_level(degraded)[...].astype(np.float64), clean)
+    after = metrics.psnr(ngff.open_level(restored)[...].astype(np.float64), clean)
+    assert after - before >= MIN_GAIN_DB, (before, after)
 
 
 def test_a_copy_of_the_default_model_given_by_path_restores_as_default(degraded, session_cluster, tmp_path):

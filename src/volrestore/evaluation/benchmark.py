@@ -72,8 +72,10 @@ FIELDS = {
     "hours_per_tb_bare": "the same at bare_voxels_per_s",
     "default_samples": "K of `volrestore restore` with this model's defaults",
     "default_steps": "sampler steps of `volrestore restore` with this model's defaults",
-    "hours_per_tb_default": "hours_per_tb scaled to restore's defaults: x (default_samples x default_steps) / "
-                            "(samples x steps); time is linear in both",
+    "hours_per_tb_default": "hours_per_tb scaled to restore's defaults for a diffusion model (default-diffusion): "
+                            "x (default_samples x default_steps) / (samples x steps); time is linear in both",
+    "hours_per_tb_regression": "hours_per_tb scaled to one network evaluation per tile (samples x steps = 1): "
+                               "plain `restore IN OUT`, whose shipped default is the regression on the same net",
     "evaluations_per_voxel": "network evaluations each volume voxel passes through in a bare pass: "
                              "evaluations_per_pass x tile voxels / voxels (overlap and padding included)",
     "peak_rss_mib": "peak resident memory of the model worker process (MiB, ru_maxrss; the maximum over workers)",
@@ -148,6 +150,7 @@ def _fields(cfg, params, device, cluster, m, plan, shape, *, batch, samples, sam
         "hours_per_tb": hours_per_tb(e2e), "hours_per_tb_bare": hours_per_tb(bare),
         "default_samples": RESTORE_SAMPLES, "default_steps": full_steps,
         "hours_per_tb_default": hours_per_tb(e2e) * RESTORE_SAMPLES * full_steps / (samples * steps),
+        "hours_per_tb_regression": hours_per_tb(e2e) / (samples * steps),
         "evaluations_per_voxel": (before["evaluations"] * math.prod(plan.grid.tile_shape) / voxels
                                   if before["evaluations"] is not None else None), "peak_rss_mib": rss,
         "peak_gpu_mib_bare": before["peak_gpu_mib"], "peak_gpu_mib_e2e": max(gpu_e2e) if gpu_e2e else None,

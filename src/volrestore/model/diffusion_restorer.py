@@ -29,16 +29,35 @@ EXTRAS = {"device": "auto", "compile": False}
 # offset works. Matching the raw noisy percentiles instead lost 20 dB on the demo volume: noise inflates the tails.
 
 
-def default_model_path() -> Path:
-    """Where the shipped default model lies inside the package."""
-    return Path(str(resources.files("volrestore").joinpath("models", "default.pt")))
+# The shipped pair, trained by benchmarks/train_default_model.py on the same data and net: `default` restores with the
+# regression (the posterior mean in one network evaluation: on held-out real data 0.3-0.8 dB above the diffusion
+# model's K = 4 average, src/volrestore/models/README.md) unless a diffusion option asks for samples.
+SHIPPED = {"default-diffusion": "default-diffusion.pt", "default-regression": "default-regression.pt"}
+DIFFUSION_OPTIONS = ("samples", "sampler", "steps", "std")
+
+
+def default_model_path(kind: str = "diffusion") -> Path:
+    """Where a shipped model ("diffusion" or "regression") lies inside the package."""
+    return Path(str(resources.files("volrestore").joinpath("models", SHIPPED[f"default-{kind}"])))
+
+
+def shipped_name(name: str, options: dict) -> str:
+    """`default` -> default-diffusion when any of DIFFUSION_OPTIONS is given (K samples, their std, a sampler),
+    else default-regression (when this install ships it); other names unchanged."""
+    if name != "default":
+        return name
+    wants_samples = any(options.get(k) not in (None, False) for k in DIFFUSION_OPTIONS)
+    if wants_samples or not default_model_path("regression").is_file():
+        return "default-diffusion"
+    return "default-regression"
 
 
 def _model_path(name: str) -> Path:
-    path = default_model_path() if name == "default" else Path(name)
+    shipped = name in SHIPPED
+    path = default_model_path(name.split("-", 1)[1]) if shipped else Path(name)
     if not path.is_file():
         raise UserError(f"model {name!r} not found" + (": this install ships no default model, pass --model CKPT.pt"
-                                                       if name == "default" else ": give an existing .pt checkpoint"))
+                                                       if shipped else ": give an existing .pt checkpoint"))
     return path
 
 
@@ -63,7 +82,7 @@ def _check(objective: str, samples, sampler, steps, std):
         raise UserError(f"samples and steps must be whole numbers >= 1, got samples={samples!r}, steps={steps!r}")
     if std and objective == "regression":
         raise UserError("a regression model gives one deterministic answer and no std: drop --std or use a diffusion "
-                        "model")
+                        "model (--model default-diffusion for the shipped one)")
     if std and samples < 2:
         raise UserError("std needs samples >= 2, e.g. --samples 4 --std")
 
@@ -71,7 +90,8 @@ def _check(objective: str, samples, sampler, steps, std):
 def resolve(ref: ModelRef) -> RestorerSpec:
     """Validate a checkpoint ('default' or a .pt path) and options on the client; the spec carries the content hash so
     a worker refuses a file that changed in between, and provenance names the exact model."""
-    name, options = ref.name, {k: v for k, v in ref.options.items() if v is not None}
+    options = {k: v for k, v in ref.options.items() if v is not None}
+    name = shipped_name(ref.name, options)
     unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS))
     if unknown:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
@@ -81,7 +101,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     ck = load_checkpoint(path)
     # A checkpoint may name its own normalisation (the shipped model says "image"), so a copy of it given by path
     # restores as `--model default` does; older checkpoints: "image" for the default, else "model".
-    opts["normalise"] = opts["normalise"] or ck.get("normalise") or ("image" if name == "default" else "model")
+    opts["normalise"] = opts["normalise"] or ck.get("normalise") or ("image" if name in SHIPPED else "model")
     if opts["normalise"] not in ("image", "model"):
         raise UserError(f"--normalise must be image or model, got {opts['normalise']!r}")
     if opts["input_range"] is not None:

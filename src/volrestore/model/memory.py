@@ -16,6 +16,7 @@ SAMPLER_BYTES_PER_VOXEL = 8 * 4
 # one restorer call may take: the rest is the input region, the float64 blend accumulators, the output buffers and the
 # allocator's fragmentation.
 USABLE_SHARE = 0.8
+PROBE_VOXELS = 2**16
 
 
 class LiveBytes:
@@ -69,9 +70,13 @@ def probe(spec, tile: tuple[int, ...], batch: int) -> dict | None:
     if measure is None:
         return None
     multiple = restorer.size_multiple
-    # Two probes (a half and a quarter of the tile per axis) fit the fixed part (normalised weights, embeddings)
-    # and the bytes per voxel; measured on the default model: 128² and 256² predict 512² within 0.1 %.
-    half, quarter = (_shrunk(tile, f, multiple) for f in (2, 4))
+    # Two probes (the tile shrunk by f and 2f per axis, f >= 2 the smallest that keeps the bigger probe within
+    # PROBE_VOXELS, so a huge tile costs no more to check than a default one) fit the fixed part (normalised weights,
+    # embeddings) and the bytes per voxel; measured on the default model: 128² and 256² predict 512² within 0.1 %.
+    factor = 2
+    while math.prod(_shrunk(tile, factor, multiple)) > PROBE_VOXELS and factor < max(tile):
+        factor *= 2
+    half, quarter = (_shrunk(tile, f, multiple) for f in (factor, 2 * factor))
     big, small = measure(half), measure(quarter)
     dv = math.prod(half) - math.prod(quarter)
     slope = (big - small) / dv if dv > 0 else big / math.prod(half)

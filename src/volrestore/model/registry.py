@@ -23,9 +23,9 @@ def register(name: str, resolver: Resolver) -> None:
 
 def resolve(ref: ModelRef) -> RestorerSpec:
     """The validated RestorerSpec for a model reference; UserError for an unknown name or a bad option."""
-    if ref.name == "default" or ref.name.endswith(".pt"):
+    if ref.name in ("default", *diffusion_restorer.SHIPPED) or ref.name.endswith(".pt"):
         return diffusion_restorer.resolve(ref)
     if ref.name not in REGISTRY:
-        names = ", ".join([*REGISTRY, "default"])
+        names = ", ".join([*REGISTRY, "default", *diffusion_restorer.SHIPPED])
         raise UserError(f"unknown model {ref.name!r}; use {names} or a checkpoint .pt file")
     return REGISTRY[ref.name](ref)
