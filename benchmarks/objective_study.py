@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from volrestore.config import TrainConfig
-from volrestore import train  # noqa: E402
+from volrestore.model import patches, train  # noqa: E402
 from volrestore.evaluation import metrics
 from volrestore.simulate import synthetic
 from volrestore.simulate.degrade import Degradation  # noqa: E402
@@ -31,8 +31,8 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     deg = Degradation.parse("poisson:photons=10,read=1,seed=1")
-    sampler = train.PatchSampler(synthetic.phantom((8, 128, 96), seed=1), degrade=deg, patch=(32, 32), batch=8,
-                                 seed=0, val_fraction=0)
+    sampler = patches.PatchSampler(synthetic.phantom((8, 128, 96), seed=1), degrade=deg, patch=(32, 32), batch=8,
+                                   seed=0, val_fraction=0)
     clean = synthetic.phantom((2, 64, 64), seed=99)
     noisy = Degradation.parse("poisson:photons=10,read=1,seed=7")(clean, (0,), ref=sampler.ref)
     print(f"input {metrics.psnr(noisy, clean):.2f} dB", flush=True)
