@@ -28,8 +28,8 @@ def test_benchmark_json_fields_are_complete_and_consistent():
     assert r["hours_per_tb_bare"] == pytest.approx(1e12 / 2 / r["bare_voxels_per_s"] / 3600)
     assert r["flop_per_evaluation"] > 0
     # Projected to restore's defaults for this model (K = 1, the sampler's default steps), linear in K x steps.
-    assert r["default_samples"] == 1 and r["default_steps"] == 12
-    assert r["hours_per_tb_default"] == pytest.approx(r["hours_per_tb"] * 12 / (2 * 2))
+    assert r["default_samples"] == 1 and r["default_steps"] == 10  # DDIM, 10 steps on EDM models
+    assert r["hours_per_tb_default"] == pytest.approx(r["hours_per_tb"] * 10 / (2 * 2))
     assert r["hours_per_tb_regression"] == pytest.approx(r["hours_per_tb"] / (2 * 2))
     assert r["evaluations_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * 16**3 / 16**3)
     assert r["flop_per_voxel"] == pytest.approx(r["evaluations_per_pass"] * r["flop_per_evaluation"] / r["voxels"])

@@ -32,7 +32,7 @@ def _write(path, data: np.ndarray, provenance: dict, overwrite: bool) -> None:
     ngff.set_complete(path)
 
 
-def run(outdir, *, samples: int = 2, steps: int = 8, sampler: str = "dpmpp2m", shape=SHAPE, seed: int = SEED,
+def run(outdir, *, samples: int = 2, steps: int = 8, sampler: str = "ddim", shape=SHAPE, seed: int = SEED,
         degradation: str = DEGRADATION, model: str = "default", tile=None, overlap: int | None = None,
         threads: int | None = None, overwrite: bool = False, echo=print) -> dict:
     """Run the demo into `outdir`; returns the metrics and paths. `samples` >= 2 also writes the per-voxel std.

@@ -101,7 +101,7 @@ def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU is visible to this process; use --device cpu")
     cfg = nets.load_preset(default_preset() if preset == "default" else preset)
-    sampler = sampler or ("ancestral" if cfg.get("schedule") == "cosine" else "dpmpp2m")
+    sampler = sampler or ("ancestral" if cfg.get("schedule") == "cosine" else "ddim")  # as default_sampler
     full_steps = default_steps(sampler, Schedule(kind=cfg["schedule"]))
     # On a CPU one step is measured unless asked (time is linear in steps; hours_per_tb_default scales it), so the
     # defaults finish in a few minutes on a laptop while still timing the model's real default tile.
