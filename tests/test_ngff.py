@@ -203,3 +203,18 @@ def test_single_level_images_get_display_windows_from_their_data(tmp_path):
     for channel in channels:
         window = channel["window"]
         assert 0 <= window["start"] < window["end"] <= 1000 and window["max"] == 65535
+
+
+def test_crop_image_keeps_the_physical_position(tmp_path):
+    import numpy as np
+
+    from volrestore.io import ngff
+    from volrestore.io.images import crop_image, write_image
+
+    data = np.arange(4 * 10 * 12, dtype=np.uint16).reshape(4, 10, 12)
+    src, out = tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr"
+    write_image(src, data, axes="zyx", scale=[2.0, 0.5, 0.5], translation=[1.0, 0.0, 3.0], chunks=(2, 8, 8))
+    crop_image(src, out, (slice(1, 3), slice(2, 9), slice(None)))
+    info = ngff.read_info(out)
+    assert info.complete and info.levels[0].translation == [3.0, 1.0, 3.0]
+    assert np.array_equal(ngff.open_level(out)[...], data[1:3, 2:9])

@@ -113,19 +113,10 @@ def vr(*args, capture=False) -> str:
 
 
 def crop(src: Path, out: Path, region) -> None:
-    """Write region (tuple of slices over z, y, x) of OME-Zarr src as a new OME-Zarr at its physical position."""
-    from volrestore.io import ngff
+    """Write `region` (slices over all axes) of OME-Zarr src as a new OME-Zarr at its physical position."""
+    from volrestore.io.images import crop_image
 
-    info = ngff.read_info(src)
-    level = info.levels[0]
-    data = ngff.open_level(src, 0)[region]
-    starts = [s.indices(n)[0] for s, n in zip(region, level.shape)]
-    ngff.create_image(out, shape=data.shape, dtype=data.dtype, axes=info.axes, scale=level.scale,
-                      translation=[t + i * s for t, i, s in zip(level.translation, starts, level.scale)],
-                      chunks=[min(c, n) for c, n in zip(level.chunks, data.shape)], overwrite=True,
-                      provenance={"command": f"crop of {src.name}", "parameters": {"region_start": starts}})
-    ngff.open_level(out, 0, mode="r+")[...] = data
-    ngff.set_complete(out)
+    crop_image(src, out, region)
 
 
 def main(argv=None) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from volrestore.io.ngff import ImageInfo, axis_name, create_image, open_level, read_info, set_complete
@@ -28,3 +30,19 @@ def write_image(path, data, *, axes="zyx", scale=None, translation=None, chunks=
     build_pyramid(path)  # with one level it only sets the display windows from the data
     set_complete(path)
     return read_info(path)
+
+
+def crop_image(src, out, region) -> None:
+    """Write `region` (a tuple of slices over all axes of level 0) of the OME-Zarr image `src` as the complete
+    OME-Zarr image `out`, placed at its physical position (translation shifted by the region's start)."""
+    info = read_info(src)
+    level = info.levels[0]
+    data = open_level(src, 0)[region]
+    starts = [s.indices(n)[0] for s, n in zip(region, level.shape)]
+    create_image(out, shape=data.shape, dtype=data.dtype, axes=info.axes, scale=level.scale,
+                 translation=[t + i * s for t, i, s in zip(level.translation, starts, level.scale)],
+                 chunks=[min(c, n) for c, n in zip(level.chunks, data.shape)], overwrite=True,
+                 provenance={"command": f"crop of {Path(src).name}",
+                             "parameters": {"region_start": starts}})
+    open_level(out, 0, mode="r+")[...] = data
+    set_complete(out)
