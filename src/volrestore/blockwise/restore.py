@@ -167,13 +167,13 @@ def _check_memory(client, prepared: Prepared) -> None:
     there, naming the largest that does. A batch that does not fit is refused on CPU workers, where running out of
     memory kills the worker; GPU workers halve it at run time instead (tasks._restore_batch)."""
     plan, spec = prepared.plan, prepared.spec
+    if getattr(spec.restorer, "forward_bytes", None) is None:  # no network to measure: no round trip to a worker
+        return
     tile = plan.grid.tile_shape
     res = task_resources(client)
-    measured = client.submit(memory.probe, spec, tile, plan.batch, pure=False, resources=res).result()
-    if measured is None:
-        return
+    measured = client.submit(memory.probe, spec, tile, pure=False, resources=res).result()
     gib = 2.0**30
-    one_tile = measured["fixed"] + measured["per_voxel"] * math.prod(tile)
+    one_tile, per_call = memory.call_bytes(measured, tile), memory.call_bytes(measured, tile, plan.batch)
     where = f"{measured['device']} ({measured['capacity'] / gib:.1f} GiB usable per call)"
     if one_tile > measured["capacity"]:
         fits = memory.largest_tile(tile, measured, spec.size_multiple, plan.grid.axes[-1].overlap)
@@ -181,10 +181,9 @@ def _check_memory(client, prepared: Prepared) -> None:
                   if fits else "use fewer --samples or a device with more memory")
         raise UserError(f"tile {'x'.join(map(str, tile))} needs {one_tile / gib:.1f} GiB per restorer call on the "
                         f"workers' {where}; {advice}")
-    if measured["per_call"] > measured["capacity"] and not res:
-        fits = int((measured["capacity"] - measured["fixed"]) // (measured["per_voxel"] * math.prod(tile)))
-        raise UserError(f"--batch {plan.batch} needs {measured['per_call'] / gib:.1f} GiB per restorer call on the "
-                        f"workers' {where}; use --batch {max(fits, 1)} or smaller")
+    if per_call > measured["capacity"] and not res:
+        raise UserError(f"--batch {plan.batch} needs {per_call / gib:.1f} GiB per restorer call on the workers' "
+                        f"{where}; use --batch {memory.largest_batch(measured, tile)} or smaller")
 
 
 def _check_finite(client, plan, progress):

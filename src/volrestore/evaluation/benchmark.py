@@ -21,7 +21,7 @@ from volrestore.model import nets
 from volrestore.cluster.client import connect, is_gpu_cluster, task_resources
 from volrestore.errors import UserError
 from volrestore.model.diffusion import Schedule
-from volrestore.model.diffusion_restorer import OPTIONS, default_steps
+from volrestore.model.diffusion_restorer import OPTIONS, default_steps, sampler_for
 from volrestore.model.restorer import BuildRestorer, restorer_for
 
 RESTORE_SAMPLES = OPTIONS["samples"]  # restore's default K
@@ -101,7 +101,7 @@ def run(preset="default", *, samples=1, steps=None, sampler=None, device="cpu", 
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no GPU is visible to this process; use --device cpu")
     cfg = nets.load_preset(default_preset() if preset == "default" else preset)
-    sampler = sampler or ("ancestral" if cfg.get("schedule") == "cosine" else "ddim")  # as default_sampler
+    sampler = sampler or sampler_for(cfg.get("schedule"))
     full_steps = default_steps(sampler, Schedule(kind=cfg["schedule"]))
     # On a CPU one step is measured unless asked (time is linear in steps; hours_per_tb_default scales it), so the
     # defaults finish in a few minutes on a laptop while still timing the model's real default tile.

@@ -38,7 +38,11 @@ DIFFUSION_OPTIONS = ("samples", "sampler", "steps", "std")
 
 def default_model_path(kind: str = "diffusion") -> Path:
     """Where a shipped model ("diffusion" or "regression") lies inside the package."""
-    return Path(str(resources.files("volrestore").joinpath("models", SHIPPED[f"default-{kind}"])))
+    return _shipped_path(f"default-{kind}")
+
+
+def _shipped_path(name: str) -> Path:
+    return Path(str(resources.files("volrestore").joinpath("models", SHIPPED[name])))
 
 
 def shipped_name(name: str, options: dict) -> str:
@@ -54,7 +58,7 @@ def shipped_name(name: str, options: dict) -> str:
 
 def _model_path(name: str) -> Path:
     shipped = name in SHIPPED
-    path = default_model_path(name.split("-", 1)[1]) if shipped else Path(name)
+    path = _shipped_path(name) if shipped else Path(name)
     if not path.is_file():
         raise UserError(f"model {name!r} not found" + (": this install ships no default model, pass --model CKPT.pt"
                                                        if shipped else ": give an existing .pt checkpoint"))
@@ -62,10 +66,15 @@ def _model_path(name: str) -> Path:
 
 
 def default_sampler(ck: dict) -> str:
+    """The default sampler of a checkpoint (sampler_for its schedule kind)."""
+    return sampler_for(ck["schedule"].get("kind"))
+
+
+def sampler_for(schedule_kind: str | None) -> str:
     """The paper's cosine/eps models: its 200-step ancestral sampler; EDM-trained models: DDIM (10 steps), the
     cheapest that matched 200 ancestral steps on benchmarks/sampler_study.py (K = 4: +0.14 dB, SSIM -0.003;
     DPM-Solver++ 2M, the earlier default, was 0.3 dB and 0.02 SSIM below it at 10-20 steps)."""
-    return "ancestral" if ck["schedule"].get("kind") == "cosine" else "ddim"
+    return "ancestral" if schedule_kind == "cosine" else "ddim"
 
 
 def default_steps(sampler: str, schedule: dfn.Schedule) -> int:

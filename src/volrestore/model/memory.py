@@ -60,15 +60,14 @@ class LiveBytes:
         self._mode.__exit__(*exc)
 
 
-def probe(spec, tile: tuple[int, ...], batch: int) -> dict | None:
-    """Worker task: {"per_call": bytes of one restorer call of `batch` tiles of `tile` (spatial, the restorer's
-    axes), "capacity": the bytes it may use, "device": where it runs}; None for restorers without a network."""
+def probe(spec, tile: tuple[int, ...]) -> dict:
+    """Worker task: {"fixed", "per_voxel": bytes of a restorer call on tiles of `tile` (spatial; per voxel of one
+    tile, all its samples, see call_bytes), "capacity": the bytes a call may use, "device": where it runs}, for a
+    restorer with a network (`forward_bytes`)."""
     from volrestore.model.restorer import restorer_for
 
     restorer = restorer_for(spec)
-    measure = getattr(restorer, "forward_bytes", None)
-    if measure is None:
-        return None
+    measure = restorer.forward_bytes
     multiple = restorer.size_multiple
     # Two probes (the tile shrunk by f and 2f per axis, f >= 2 the smallest that keeps the bigger probe within
     # PROBE_VOXELS, so a huge tile costs no more to check than a default one) fit the fixed part (normalised weights,
@@ -84,8 +83,17 @@ def probe(spec, tile: tuple[int, ...], batch: int) -> dict | None:
     samples = getattr(restorer, "samples", 1)
     per_voxel = (slope + SAMPLER_BYTES_PER_VOXEL) * samples
     device = str(getattr(restorer, "device", "cpu"))
-    return {"per_call": fixed + per_voxel * math.prod(tile) * batch, "per_voxel": per_voxel, "fixed": fixed,
-            "capacity": USABLE_SHARE * _capacity(device), "device": device}
+    return {"per_voxel": per_voxel, "fixed": fixed, "capacity": USABLE_SHARE * _capacity(device), "device": device}
+
+
+def call_bytes(measured: dict, tile: tuple[int, ...], batch: int = 1) -> float:
+    """Bytes of one restorer call of `batch` tiles of `tile`, from probe's measurement."""
+    return measured["fixed"] + measured["per_voxel"] * math.prod(tile) * batch
+
+
+def largest_batch(measured: dict, tile: tuple[int, ...]) -> int:
+    """The most tiles of `tile` one call may hold within the measured capacity (at least 1)."""
+    return max(1, int((measured["capacity"] - measured["fixed"]) // (measured["per_voxel"] * math.prod(tile))))
 
 
 def _shrunk(tile, factor: int, multiple: int) -> tuple[int, ...]:

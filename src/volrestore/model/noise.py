@@ -83,10 +83,10 @@ def field_torch(origin, shape, seed: int, *counter: int, device="cpu"):
     import torch
 
     origin, shape = tuple(int(o) for o in origin), tuple(int(s) for s in shape)
-    lead, spatial = len(origin) - min(len(origin), 3), max(0, 3 - len(origin))
+    lead, pad = len(origin) - min(len(origin), 3), max(0, 3 - len(origin))  # leading axes; missing ones of z, y, x
     out = torch.empty(shape, dtype=torch.float32, device=device)
     axes = [torch.arange(o, o + n, dtype=torch.int64, device=device) & _MASK for o, n in zip(origin[lead:], shape[lead:])]
-    axes = [torch.zeros(1, dtype=torch.int64, device=device)] * spatial + axes
+    axes = [torch.zeros(1, dtype=torch.int64, device=device)] * pad + axes
     z, y, x = (a.view(*[-1 if i == j else 1 for j in range(3)]) for i, a in enumerate(axes))
     for idx in itertools.product(*[range(o, o + n) for o, n in zip(origin[:lead], shape[:lead])]):
         words = [int(w) for w in np.frombuffer(key(seed, *counter, *idx).tobytes(), dtype=np.uint32)]
