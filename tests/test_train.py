@@ -170,3 +170,36 @@ def test_presets_by_name_or_path(tmp_path):
     assert net.spatial_dims == 3 and net.objective == "regression"
     with pytest.raises(UserError, match="paper-2d, small-2.5d, small-2d, tiny-2.5d, tiny-2d, tiny-3d, unet3d"):
         nets.load_preset("paper-3d")
+
+
+def test_noise_balance_weights_and_loss():
+    """Weights are (input MSE)^-B with mean 1, so a patch with 4x the input error counts 1/4 (B = 1) or 1/2 (B = 0.5)
+    as much; B = 0 is exactly the plain MSE; the weighted loss is the weighted mean of per-sample MSEs."""
+    from volrestore.model import diffusion as dfn
+
+    x0 = torch.zeros(2, 1, 4, 4)
+    cond = torch.stack([torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), 2.0)])  # input MSE 1 and 4
+    assert dfn.balance_weights(cond, x0, 0.0) is None
+    w1, w5 = dfn.balance_weights(cond, x0, 1.0), dfn.balance_weights(cond, x0, 0.5)
+    torch.testing.assert_close(w1, torch.tensor([1.6, 0.4]))
+    torch.testing.assert_close(w5, torch.tensor([4 / 3, 2 / 3]))
+
+    class Const(torch.nn.Module):  # a "regression net" answering the condition itself
+        def forward(self, cond, x, c_noise):
+            return cond
+
+    sched = dfn.Schedule()
+    plain = dfn.loss(Const(), x0, cond, sched, "regression", None, None)
+    assert float(plain) == 2.5
+    assert float(dfn.loss(Const(), x0, cond, sched, "regression", None, None, torch.ones(2))) == 2.5
+    assert abs(float(dfn.loss(Const(), x0, cond, sched, "regression", None, None, w1)) - (1.6 + 0.4 * 4) / 2) < 1e-6
+
+
+def test_noise_balance_is_recorded_and_changes_training(tmp_path):
+    sampler = make_sampler()
+    plain = run(tmp_path / "a.pt", sampler, 3, objective="regression")
+    balanced = run(tmp_path / "b.pt", sampler, 3, objective="regression", noise_balance=1.0)
+    assert plain["train_config"]["noise_balance"] == 0.0 and balanced["train_config"]["noise_balance"] == 1.0
+    assert [r["loss"] for r in plain["history"]] != [r["loss"] for r in balanced["history"]]
+    with pytest.raises(Exception, match="less than or equal to 2"):
+        TrainConfig(noise_balance=3)

@@ -433,6 +433,9 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--objective", type=click.Choice(["v", "eps", "regression"]), default=None,
               help="Prediction target [the preset's].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [the preset's].")
+@click.option("--noise-balance", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+              help="Weight each patch's loss by (its input's error)^-B, so bright, nearly clean patches count as "
+              "much as dim ones in a model trained over a range of noise levels; 0 = plain MSE.")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of the images to train on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, patches, noise and timesteps.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints and validation "

@@ -149,6 +149,10 @@ class TrainConfig(_Frozen):
     schedule: str | None = None  # the preset's: "edm" (log-normal sigma) or "cosine" (the paper's, uniform t)
     T: int = 200
     s: float = 0.008
+    # Each sample's loss divided by (its input's MSE to the target)^noise_balance, normalised over the batch: a blind
+    # model trained over 1-100 photons otherwise spends its gradient on the dimmest patches (their errors are the
+    # largest), underfitting the bright, nearly clean end where BM4D wins. 0 = plain MSE.
+    noise_balance: float = Field(0.0, ge=0, le=2)
 
 
 class TrainData(_Frozen):

@@ -133,16 +133,29 @@ class Denoiser:
         return (_bcast(c_skip, x) * x + _bcast(c_out, x) * out).clamp(*self.clip)
 
 
-def loss(net, x0, cond, schedule: Schedule, objective: str, sigma, noise) -> torch.Tensor:
+def loss(net, x0, cond, schedule: Schedule, objective: str, sigma, noise, weight=None) -> torch.Tensor:
     """EDM's weighted loss lambda(sigma) |D - x0|^2 with lambda = 1/c_out^2, i.e. the plain MSE of the net's output
     against its own target (eps for eps, v for v, unit-variance x0 mix for edm); sigma (B,) and noise from the
-    caller's generator so training is reproducible."""
+    caller's generator so training is reproducible. `weight` (B,), mean 1: a per-sample factor (see
+    TrainConfig.noise_balance)."""
     if objective == "regression":
-        return torch.mean((net(cond, None, torch.zeros(x0.shape[0], device=x0.device)) - x0) ** 2)
-    c_skip, c_out, c_in, c_noise = preconditioning(objective, sigma, schedule.data_scale())
-    x = x0 + _bcast(sigma, x0) * noise
-    target = (x0 - _bcast(c_skip, x0) * x) / _bcast(c_out, x0)
-    return torch.mean((net(cond, x * _bcast(c_in, x0), c_noise.float().to(x0.device)) - target) ** 2)
+        err = net(cond, None, torch.zeros(x0.shape[0], device=x0.device)) - x0
+    else:
+        c_skip, c_out, c_in, c_noise = preconditioning(objective, sigma, schedule.data_scale())
+        x = x0 + _bcast(sigma, x0) * noise
+        target = (x0 - _bcast(c_skip, x0) * x) / _bcast(c_out, x0)
+        err = net(cond, x * _bcast(c_in, x0), c_noise.float().to(x0.device)) - target
+    if weight is None:
+        return torch.mean(err**2)
+    return torch.mean(err.pow(2).flatten(1).mean(1) * weight.to(err))
+
+
+def balance_weights(cond_centre: torch.Tensor, x0: torch.Tensor, exponent: float) -> torch.Tensor | None:
+    """Per-sample weights (mean 1) = (MSE of the condition to the target)^-exponent; None for exponent 0."""
+    if not exponent:
+        return None
+    w = (cond_centre - x0).pow(2).flatten(1).mean(1).clamp_min(1e-8).pow(-exponent)
+    return w / w.mean()
 
 
 # ---- samplers: pure functions of (denoiser, x_init, cond, sigmas, noise_fn); x_init = initial_scale * N(0, I).

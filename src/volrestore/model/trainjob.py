@@ -90,8 +90,9 @@ def sampler_for(data: TrainData) -> PatchSampler:
 
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
-                val_fraction=0.1, objective=None, level=0, seed=0, lr=None, checkpoint_every=None, resume=False,
-                overwrite=False, cluster="local", workers=1, echo=print, progress=True, command=None) -> dict:
+                val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
+                resume=False, overwrite=False, cluster="local", workers=1, echo=print, progress=True,
+                command=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
@@ -106,8 +107,9 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
     preset_cfg = nets.load_preset(preset)
+    every = {"checkpoint_every": checkpoint_every} if checkpoint_every else {}
     config = resolve_config(TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr,
-                                        seed=seed, **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})))
+                                        seed=seed, noise_balance=noise_balance, **every))
     if config.objective not in nets.OBJECTIVES:
         raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
     data, sampler = _training_data(target, input, degrade, level, preset_cfg, patch, batch, workers, val_fraction,
