@@ -161,6 +161,7 @@ def _step(state: _TrainState, model, cfg: TrainConfig, schedule, batch, it: int,
     sigma, eps = _sigmas_and_noise(schedule, cfg.seed, it, range(first, first + x0.shape[0]), tuple(x0.shape[1:]))
     with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
         torch.manual_seed(_seed(cfg.seed, it, _DROPOUT))  # dropout, per iteration so resume replays it
+        # The centre channel is the slice being restored (a 2.5D condition carries its neighbours around it).
         weight = dfn.balance_weights(cond[:, cond.shape[1] // 2: cond.shape[1] // 2 + 1], x0, cfg.noise_balance)
         loss = dfn.loss(model, x0, cond, schedule, cfg.objective, sigma, eps.to(device), weight)
     state.opt.zero_grad(set_to_none=True)
