@@ -48,6 +48,7 @@ KS, QUICK_KS = (1, 4, 8), (2,)
 ANCESTRAL_STEPS, QUICK_ANCESTRAL_STEPS = 200, 5
 QUICK_PHOTONS, QUICK_ITERATIONS = "10", 20  # --quick: one level, a smoke test of every step, not of quality
 DEFAULT_K, QUICK_DEFAULT_K = 4, 2
+DEFAULT_TTA = 16  # default_tta: the shipped regression averaged over its 8 lateral flips/turns x z flip (2.5D)
 RESTORE_WORKERS = 1  # the crops are one write-block each; a second worker would only compete for the 2 cores
 CAREAMICS = "careamics==0.3.5"
 # careamics 0.3.5 declares torch<2.14 / torchvision<=0.26, but the torch this machine serves is 2.14.1: careamics is
@@ -78,9 +79,10 @@ QUICK_CROPS = {
     "cho": {"train_t": range(0, 2), "t": 19, "eval": (slice(None), slice(208, 272), slice(336, 400))},
     "phantom": {"train_seed": 8001, "train_shape": (16, 64, 96), "eval_seed": 8002, "eval_shape": (16, 48, 48)},
 }
-METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "ddpm", "ancestral", "default")
+METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "ddpm", "ancestral", "default", "default_tta")
+SHIPPED_ONLY = ("default_regression", "default_ddpm")  # one of the two runs "default" asks for
 ORDER = ("raw", "gaussian", "bm4d", "care", "regression", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
-         "ancestral", "default", "default_ddpm")
+         "ancestral", "default", "default_ddpm", "default_tta")
 
 
 def key(*parts) -> str:
@@ -382,7 +384,7 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
 
 
 def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=None, steps=None, std=False,
-            cluster="local"):
+            cluster="local", tta=None):
     """`volrestore restore`; returns (output path, std path or None, wall s), cached next to the input by tag."""
     out = noisy_path.parent / f"{noisy_path.name[:-len('.ome.zarr')]}-{tag}.ome.zarr"
     std_path = out.parent / out.name.replace(".ome.zarr", ".std.ome.zarr")
@@ -391,7 +393,7 @@ def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=Non
         cmd = ["volrestore", "restore", noisy_path, out, "--model", model, "--overwrite", "--cluster", cluster]
         if cluster == "local":
             cmd += ["--workers", str(RESTORE_WORKERS)]
-        for flag, v in (("--samples", samples), ("--sampler", sampler), ("--steps", steps)):
+        for flag, v in (("--samples", samples), ("--sampler", sampler), ("--steps", steps), ("--tta", tta)):
             if v is not None:
                 cmd += [flag, str(v)]
         if std:
@@ -484,16 +486,21 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
                     note=f"{info['preset']}, train {info['train_s']:.0f} s ({info['degrade'].split(',')[0]})")
             except Exception as exc:
                 add(p, method, label, failed=str(exc)[:160])
-    if "default" in args.methods:
+    shipped = {"default", "default_regression", "default_ddpm", "default_tta"}
+    if shipped & set(args.methods):
         from volrestore.model.diffusion_restorer import default_model_path
 
         k = QUICK_DEFAULT_K if args.quick else DEFAULT_K
-        # What `restore IN OUT` gives (the shipped regression), and the shipped diffusion model's K-sample average.
-        for method, kind, opts, label in (("default", "regression", {}, "shipped default (regression)"),
-                                          ("default_ddpm", "diffusion", {"samples": k},
-                                           f"shipped default-diffusion K={k}")):
+        # What `restore IN OUT` gives (the shipped regression), the shipped diffusion model's K-sample average and the
+        # regression averaged over its flips and turns; "default" asks for the first two (the README's columns).
+        runs = (("default", "regression", {}, "shipped default (regression)", {"default", "default_regression"}),
+                ("default_ddpm", "diffusion", {"samples": k}, f"shipped default-diffusion K={k}",
+                 {"default", "default_ddpm"}),
+                ("default_tta", "regression", {"tta": DEFAULT_TTA},
+                 f"shipped default (regression), --tta {DEFAULT_TTA}", {"default_tta"}))
+        for method, kind, opts, label, asked_by in runs:
             path = default_model_path(kind)
-            if not path.exists():
+            if not path.exists() or not asked_by & set(args.methods):
                 continue
             h = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
             for p in args.photons:
@@ -659,7 +666,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help=f"our network preset [{DEFAULT_PRESET}; quick {QUICK_PRESET}]")
     ap.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
                     help="training patch of ours, e.g. 1 96 96 [the preset's, fitted]")
-    ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS) + f" (or {' / '.join(SHIPPED_ONLY)}: one of default's two)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny crops, one photon level, 20 iterations, K=2, "
                     "CARE only if its venv exists")
     ap.add_argument("--care-dims", type=int, choices=(2, 3), default=None,
@@ -669,7 +676,7 @@ def main() -> None:
     args = ap.parse_args()
     args.photons = [float(p) for p in (args.photons or (QUICK_PHOTONS if args.quick else "3,10,30")).split(",")]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(args.methods) - set(METHODS))
+    bad = sorted(set(args.methods) - set(METHODS) - set(SHIPPED_ONLY))
     if bad:
         raise SystemExit(f"unknown method(s) {', '.join(bad)}: use {', '.join(METHODS)}")
     args.iterations = args.iterations or (QUICK_ITERATIONS if args.quick else 2000)

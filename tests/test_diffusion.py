@@ -134,3 +134,32 @@ def test_unit_variance_target_under_edm():
         c_skip, c_out, _, _ = dfn.preconditioning("edm", torch.tensor(sigma, dtype=torch.float64), 0.5)
         target = (x0 - c_skip * (x0 + sigma * torch.randn(20000, generator=g))) / c_out
         assert abs(target.std().item() - 1) < 0.03
+
+
+@pytest.mark.parametrize("spatial,channels,count", [(2, 5, 16), (2, 1, 8), (3, 1, 16)])
+def test_symmetrised_denoiser_is_exactly_equivariant(spatial, channels, count):
+    # A random conv net is not equivariant to flips or turns; averaged over the group (--tta) it must be, for every
+    # transform of the group: T(g cond) = g T(cond). 2.5D: z flips reverse the condition's channels (its z
+    # neighbours); 3D: they flip spatial z.
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv2d if spatial == 2 else torch.nn.Conv3d)(channels + 1, 1, 3, padding=1)
+
+    def denoise(x, sigma, cond):
+        return conv(torch.cat([cond, x], 1)) + x
+
+    z_dim = 1 if channels > 1 else 2
+    group = dfn.symmetries(count, has_z=count == 16)
+    tta = dfn.SymmetrisedDenoiser(denoise, group, z_dim)
+    shape = (2, 1, *(8,) * (spatial - 2), 12, 12)
+    cond, x = torch.randn(shape[:1] + (channels,) + shape[2:]), torch.randn(shape)
+    out = tta(x, 1.0, cond)
+    assert not torch.allclose(dfn._apply(denoise(x, 1.0, cond), group[1], z_dim),
+                              denoise(dfn._apply(x, group[1], z_dim), 1.0, dfn._apply(cond, group[1], z_dim)))
+    for g in group:
+        moved = tta(dfn._apply(x, g, z_dim), 1.0, dfn._apply(cond, g, z_dim))
+        torch.testing.assert_close(moved, dfn._apply(out, g, z_dim), rtol=0, atol=1e-5)
+    assert len(set(group)) == count
+    with pytest.raises(ValueError, match="tta must be one of 1, 2, 4, 8$"):
+        dfn.symmetries(16, has_z=False)
+    with pytest.raises(ValueError, match="one of 1, 2, 4, 8, 16"):
+        dfn.symmetries(3, has_z=True)

@@ -219,6 +219,9 @@ def _print_info(info):
 @click.option("--noise", type=click.Choice(["cells", "voxel"]), default=None,
               help="Model option (diffusion): the sampler's noise field, keyed by global voxel either way: cells "
                    "(numpy, the CPU's default) or voxel (Philox4x32 drawn on the network's device, the GPU's).")
+@click.option("--tta", type=int, default=None,
+              help="Model option (trained models): average the network over N of its flips and turns (1, 2, 4, 8; "
+                   "16 with z flips for 2.5D/3D nets): N network evaluations per voxel for a more accurate mean.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def restore_command(src, out, tile, chunks, block, as_json, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""

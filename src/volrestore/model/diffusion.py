@@ -133,6 +133,56 @@ class Denoiser:
         return (_bcast(c_skip, x) * x + _bcast(c_out, x) * out).clamp(*self.clip)
 
 
+# ---- test-time symmetrisation: D averaged over the symmetries the net was trained under (lateral dihedral, z flip).
+# A transform is (quarter turns in y-x, flip x, flip z); ordered so the first 2, 4, 8 are each as spread as possible.
+LATERAL = ((0, False), (2, False), (0, True), (2, True), (1, False), (3, False), (1, True), (3, True))
+TTA_COUNTS = (1, 2, 4, 8, 16)
+
+
+def symmetries(count: int, has_z: bool) -> list[tuple[int, bool, bool]]:
+    """The first `count` of the 8 lateral dihedral transforms, then (has_z) the same 8 with z flipped."""
+    group = [(k, fx, False) for k, fx in LATERAL] + ([(k, fx, True) for k, fx in LATERAL] if has_z else [])
+    if count not in TTA_COUNTS or count > len(group):
+        raise ValueError(f"tta must be one of {', '.join(map(str, TTA_COUNTS[:len(group).bit_length()]))}")
+    return group[:count]
+
+
+def _apply(t, g, z_dim: int):
+    k, flip_x, flip_z = g
+    if flip_z and t.shape[z_dim] > 1:
+        t = t.flip(z_dim)
+    if flip_x:
+        t = t.flip(-1)
+    return torch.rot90(t, k, dims=(-2, -1))
+
+
+def _invert(t, g, z_dim: int):
+    k, flip_x, flip_z = g
+    t = torch.rot90(t, -k, dims=(-2, -1))
+    if flip_x:
+        t = t.flip(-1)
+    return t.flip(z_dim) if flip_z and t.shape[z_dim] > 1 else t
+
+
+class SymmetrisedDenoiser:
+    """D'(x, sigma, cond) = mean over transforms g of g^-1 D(g x, sigma, g cond): the net's answer made exactly
+    equivariant to the symmetries it was trained with, at one network evaluation per transform. z flips act on
+    axis z_dim: the condition's channels for a 2.5D net (its z neighbours), spatial z for a 3D one. Every transform
+    is a flip or quarter turn of the whole tile, so with tile sizes on the net's size multiple the pooling phase
+    stays on the global grid and tiling invariance holds. Summed in a fixed order: deterministic."""
+
+    def __init__(self, denoiser: Denoise, transforms, z_dim: int):
+        self.denoiser, self.transforms, self.z_dim = denoiser, list(transforms), z_dim
+
+    def __call__(self, x, sigma, cond):
+        total = None
+        for g in self.transforms:
+            x_g = None if x is None else _apply(x, g, self.z_dim)
+            out = _invert(self.denoiser(x_g, sigma, _apply(cond, g, self.z_dim)), g, self.z_dim)
+            total = out if total is None else total + out
+        return total / len(self.transforms)
+
+
 def loss(net, x0, cond, schedule: Schedule, objective: str, sigma, noise, weight=None) -> torch.Tensor:
     """EDM's weighted loss lambda(sigma) |D - x0|^2 with lambda = 1/c_out^2, i.e. the plain MSE of the net's output
     against its own target (eps for eps, v for v, unit-variance x0 mix for edm); sigma (B,) and noise from the

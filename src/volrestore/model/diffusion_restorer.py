@@ -19,7 +19,7 @@ from volrestore.model.restorer import RestorerSpec
 from volrestore.model.checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, schedule_of
 
 OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalise": None, "input_range": None,
-           "noise": None}
+           "noise": None, "tta": 1}
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
@@ -123,6 +123,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
     spatial_dims = int(ck["preset"]["spatial_dims"])
+    _tta_transforms(opts["tta"], spatial_dims, int(ck["preset"].get("z_context", 0)))
     tile, overlap = DEFAULT_TILE[spatial_dims]
     return RestorerSpec(
         name=str(path),
@@ -136,6 +137,16 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         default_tile=tile,
         default_overlap=overlap,
     )
+
+
+def _tta_transforms(count, spatial_dims: int, z_context: int) -> list:
+    """The test-time transforms of `--tta count` (diffusion.symmetries): z flips exist for 3D and 2.5D nets only."""
+    try:
+        return dfn.symmetries(count, has_z=spatial_dims == 3 or z_context > 0)
+    except ValueError as err:
+        kind = "2.5D" if spatial_dims == 2 and z_context else f"{spatial_dims}D"
+        raise UserError(f"--tta {count}: {err} for this {kind} model (8 lateral flips and turns"
+                        f"{', x2 with z flips' if spatial_dims == 3 or z_context else ''})") from None
 
 
 def _noise_scheme(choice, device: str) -> str:
@@ -167,7 +178,7 @@ class DiffusionRestorer:
 
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
-                 normalise: str = "model", input_range=None, noise: str = noise.SCHEME):
+                 normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -203,8 +214,12 @@ class DiffusionRestorer:
         self.noise_scheme = _noise_scheme(noise, device)
         # bf16 autocast for the network only on CUDA; the sampler's state and arithmetic stay fp32.
         net = torch.compile(self.net) if compile else self.net  # recompiles per tile shape: keep tiles fixed
-        self.denoiser = dfn.Denoiser(net, self.schedule, self.objective, self.norm.clip,
-                                     autocast=self.device.type == "cuda")
+        self.denoiser = self.network_eval = dfn.Denoiser(net, self.schedule, self.objective, self.norm.clip,
+                                                         autocast=self.device.type == "cuda")
+        if tta > 1:  # --tta: every network evaluation averaged over flips and turns (tta evaluations each)
+            z_dim = 1 if self.z_context else 2  # a 2.5D net's z is its condition channels; a 3D net's, spatial z
+            self.denoiser = dfn.SymmetrisedDenoiser(self.denoiser, _tta_transforms(tta, self.spatial_dims,
+                                                                                   self.z_context), z_dim)
 
     @torch.inference_mode()
     def forward_bytes(self, spatial: tuple[int, ...]) -> float:
@@ -219,10 +234,10 @@ class DiffusionRestorer:
             torch.cuda.synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.denoiser(x, 1.0, cond)
+            self.network_eval(x, 1.0, cond)
             return float(torch.cuda.max_memory_allocated(self.device) - before)
         with memory.LiveBytes() as meter:
-            self.denoiser(x, 1.0, cond)
+            self.network_eval(x, 1.0, cond)
         return float(meter.peak)
 
     @torch.inference_mode()
