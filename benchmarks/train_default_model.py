@@ -48,6 +48,11 @@ PHOTONS, READ = (1.0, 100.0), (0.5, 3.0)
 # input still shows; noiseless phantoms alone teach the net to paint smooth blobs over it. So every other phantom
 # target carries shot noise of a good acquisition (photons at the bright end, log-spaced over this range).
 TEXTURE_PHOTONS = (30.0, 300.0)
+# A 2.5D net trained only on finely sampled z (RBC's skewed lattice planes) learns to average its z neighbours and, on
+# a coarse stack (CHO: 1 um planes, 0.2 um pixels), carries a brighter neighbour into a dim slice (+8 grey levels,
+# 42 %, on the top plane of quality.py's CHO crop). From iteration Z_STRIDES_FROM on, each patch's neighbours are
+# taken Z_STRIDES apart (one drawn per patch), so the net learns how far to trust them.
+Z_STRIDES, Z_STRIDES_FROM = (1, 2, 4, 8), 6000
 PRESET, PATCH, BATCH = "small-2.5d", (64, 64), 8
 ITERATIONS, LR, WARMUP, EMA = 5000, 4e-3, 200, 0.999
 
@@ -74,13 +79,13 @@ def textured(clean: np.ndarray, index: int) -> np.ndarray:
 class Source:
     """One clean volume: patches degraded at a random level each, returned in reference units."""
 
-    def __init__(self, clean: np.ndarray, seed: int, val_fraction: float = 0.0):
+    def __init__(self, clean: np.ndarray, seed: int, val_fraction: float = 0.0, z_strides=(1,)):
         self.lo, self.hi = reference_units(clean)
         deg = Degradation(photons=PHOTONS[0], photons_max=PHOTONS[1], read=READ[0], read_max=READ[1], seed=seed)
         z_context = nets.z_context(nets.load_preset(PRESET))
         self.sampler = patches.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=seed,
                                           val_fraction=val_fraction, z_context=z_context,
-                                          ref=float(np.percentile(clean, 99.9)))
+                                          ref=float(np.percentile(clean, 99.9)), z_strides=z_strides)
 
     def scale(self, pair):
         return tuple((a - self.lo) / (self.hi - self.lo) for a in pair)
@@ -96,20 +101,24 @@ class MixedBatches:
         import tifffile
 
         self.seed = seed
-        self.phantoms = [Source(textured(synthetic.phantom(PHANTOM_SHAPE, seed=s), i), seed=s)
-                         for i, s in enumerate(TRAIN_SEEDS)]
-        self.real = []
+        phantoms = [textured(synthetic.phantom(PHANTOM_SHAPE, seed=s), i) for i, s in enumerate(TRAIN_SEEDS)]
+        real = []
         for name, region in REAL.items():
             path = data_dir / name
             if not path.is_file():
                 sys.exit(f"error: {path} missing: run bash ../shared/data/fetch-samples.sh {data_dir}")
-            self.real.append(Source(np.asarray(tifffile.imread(path), np.float32)[region], seed=2000 + len(self.real)))
+            real.append(np.asarray(tifffile.imread(path), np.float32)[region])
+        # The same volumes, seeds and noise keys twice: neighbours 1 slice apart (before Z_STRIDES_FROM), and strided.
+        self.pools = {strides: ([Source(c, seed=s, z_strides=strides) for c, s in zip(phantoms, TRAIN_SEEDS)],
+                                [Source(c, seed=2000 + i, z_strides=strides) for i, c in enumerate(real)])
+                      for strides in {(1,), Z_STRIDES}}
 
     def __call__(self, iteration: int):
         rng = np.random.default_rng([self.seed, 11, iteration])
+        phantoms, real = self.pools[Z_STRIDES if iteration >= Z_STRIDES_FROM else (1,)]
         pairs = []
         for b in range(BATCH):
-            pool = self.real if rng.random() < REAL_SHARE else self.phantoms
+            pool = real if rng.random() < REAL_SHARE else phantoms
             pairs.append(pool[int(rng.integers(len(pool)))](iteration * BATCH + b))
         return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
@@ -138,7 +147,8 @@ def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = I
     provenance = {"data": {"phantoms": list(TRAIN_SEEDS), "phantom_shape": list(PHANTOM_SHAPE),
                            "real": {k: str(v) for k, v in REAL.items()}, "real_share": REAL_SHARE,
                            "textured_phantoms": {"every": 2, "photons": list(TEXTURE_PHOTONS)},
-                           "held_out_real": "Fluo-N3DH-CHO_02_img.tif"},
+                           "held_out_real": "Fluo-N3DH-CHO_02_img.tif",
+                           "z_strides": {"strides": list(Z_STRIDES), "from_iteration": Z_STRIDES_FROM}},
                   "degradation": {"photons": list(PHOTONS), "read": list(READ), "blur": None},
                   "units": "reference (median -> 0, smoothed p99.9 -> 1)", "val_seed": VAL_SEED,
                   "patch": list(PATCH), "batch": BATCH, "script": "benchmarks/train_default_model.py",

@@ -9,6 +9,7 @@ from volrestore.config import ModelRef, TrainConfig
 from volrestore.simulate import synthetic
 from volrestore.model import checkpoint
 from volrestore.model import patches
+from volrestore.blockwise.grid import reflect
 from volrestore.model import train
 from volrestore.simulate.degrade import Degradation
 from volrestore.model.diffusion_restorer import DiffusionRestorer, resolve
@@ -141,6 +142,32 @@ def test_patch_sampler_reads_only_patches_and_never_validation(tmp_path):
     vol.reads.clear()
     vc, vt = s.validation(4)
     assert vc.shape == (4, 32, 32) and all(r[1].start >= s.y_split for r in vol.reads)
+
+
+def test_z_strides_take_2_5d_neighbours_that_far_apart_in_training_only():
+    # Slices hold their own index, so a patch's condition channels show which slices the sampler took: the centre
+    # slice and its neighbours at +-s, +-2s for one stride s per patch (reflected at the ends), every stride of the
+    # set drawn, the target the centre slice; validation and the default (1,) take adjacent slices.
+    vol = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None], (40, 24, 24)).copy()
+    strided = patches.PatchSampler(vol, vol, patch=(8, 8), batch=64, z_context=2, val_fraction=0.34,
+                                   z_strides=(1, 2, 4, 8))
+    cond, target = strided(0)
+    assert cond.shape == (64, 5, 8, 8) and target.shape == (64, 8, 8)
+    z = cond[:, :, 0, 0]
+    np.testing.assert_array_equal(z[:, 2], target[:, 0, 0])
+    seen = set()
+    for zc, row in zip(z[:, 2].astype(int), z.astype(int)):
+        fits = [s for s in (1, 2, 4, 8)  # sorted: a z flip reverses the channels
+                if sorted(row) == sorted(reflect(zc + s * np.arange(-2, 3), 40))]
+        assert len(fits) == 1, (zc, row)
+        seen |= set(fits)
+    assert {1, 2, 4, 8} <= seen
+    vz = strided.validation(16)[0][:, :, 0, 0].astype(int)
+    assert all(sorted(r) == sorted(reflect(r[2] + np.arange(-2, 3), 40)) for r in vz)
+    plain = patches.PatchSampler(vol, vol, patch=(8, 8), batch=64, z_context=2, val_fraction=0.34)(0)[0][:, :, 0, 0]
+    assert all(sorted(r) == sorted(reflect(r[2] + np.arange(-2, 3), 40)) for r in plain.astype(int))
+    with pytest.raises(UserError, match="z strides must be positive"):
+        patches.PatchSampler(vol, vol, patch=(8, 8), batch=4, z_context=2, z_strides=(0,))
 
 
 def test_degradation_spec_and_determinism(tmp_path):

@@ -17,12 +17,15 @@ class PatchSampler:
     The last `val_fraction` of the y axis is held out for validation: training patches, and the context read around
     them for blurring, never touch it. Batches depend only on (seed, iteration), so a resumed run sees the same data.
     Augmentation: the 8 lateral dihedral transforms (4 rotations x flip; 2 rotations when y != x), and z flips in 3D.
-    2D patches are single z-slices.
+    2D patches are single z-slices. `z_strides` (2.5D only): a training patch's z neighbours are taken that many
+    slices apart, one stride drawn per patch, so a net trained on finely sampled z stacks also meets neighbours that
+    differ from the centre slice as much as they do in coarsely sampled ones; (1,), the default, draws nothing.
     Either `cond` (a registered low-quality image of the same shape) or `degrade` (made from the target) is needed.
     """
 
     def __init__(self, target, cond=None, *, degrade: Degradation | None = None, patch: tuple[int, ...],
-                 batch: int, seed: int = 0, val_fraction: float = 0.1, ref: float | None = None, z_context: int = 0):
+                 batch: int, seed: int = 0, val_fraction: float = 0.1, ref: float | None = None, z_context: int = 0,
+                 z_strides: tuple[int, ...] = (1,)):
         if (cond is None) == (degrade is None):
             raise UserError("give either a paired input image or a degradation model, not both or neither")
         if cond is not None and tuple(cond.shape) != tuple(target.shape):
@@ -31,6 +34,9 @@ class PatchSampler:
         self.target, self.cond, self.degrade = target, cond, degrade
         self.ndim = len(target.shape)
         self.z_context = int(z_context) if self.ndim == 3 and len(patch) == 2 else 0
+        self.z_strides = tuple(int(s) for s in z_strides)
+        if not self.z_strides or min(self.z_strides) < 1:
+            raise UserError(f"z strides must be positive integers, got {z_strides}")
         self.patch = tuple(int(p) for p in patch)
         self.spatial_dims = len(self.patch)
         self.full = (1,) * (3 - self.spatial_dims) + self.patch if self.ndim == 3 else self.patch  # z, y, x extent
@@ -78,7 +84,10 @@ class PatchSampler:
             # 2.5D: the slice's neighbours come along as condition channels, reflected at the volume's z ends as
             # the engine reflects them; the target stays the centre slice.
             z = region[0].start
-            zs = reflect(np.arange(z - self.z_context, z + self.z_context + 1), self.target.shape[0])
+            # The stride is drawn only when there is a choice: (1,) keeps every earlier run's patches bit for bit.
+            stride = self.z_strides[int(rng.integers(len(self.z_strides)))] if augment and len(self.z_strides) > 1 \
+                else 1
+            zs = reflect(z + stride * np.arange(-self.z_context, self.z_context + 1), self.target.shape[0])
             z_lo, z_hi = int(zs.min()), int(zs.max()) + 1
             cond, target = self._read((slice(z_lo, z_hi), *region[1:]), y_lo, y_hi, counter)
             cond, target = cond[zs - z_lo], target[z - z_lo].reshape(self.patch)

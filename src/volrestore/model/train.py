@@ -137,7 +137,8 @@ class _TrainState:
             check_resumable(ck, cfg, source)
             net.load_state_dict(ck["model"])
             ema.load_state_dict(ck["ema"])
-            opt.load_state_dict(ck["optimizer"])
+            if "optimizer" in ck:  # shipped checkpoints have none: continuing one starts Adam's moments afresh
+                opt.load_state_dict(ck["optimizer"])
             state.normalisation = Normalisation.from_dict(ck["normalisation"])
             state.start, state.history = ck["iteration"], ck.get("history", [])
         return state
