@@ -83,6 +83,21 @@ def test_train_cli_then_restore_then_resume(images, cluster, tmp_path):
                           "--patch", 1, 8, 8, "--out", out, "--resume"), contains="different patch")
 
 
+def test_z_strides_are_recorded_and_change_training(images, cluster, tmp_path):
+    # A 2.5D model trained with --z-strides sees neighbours further apart: other weights than the adjacent-slice
+    # default from the same seed, the strides in the checkpoint's data, and --resume refuses other strides.
+    args = ["--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--preset", "tiny-2.5d", "--iterations", 3,
+            "--checkpoint-every", 3, "--cluster", cluster.scheduler.address]
+    for name, extra in (("plain.pt", []), ("strided.pt", ["--z-strides", "1,2,3"])):
+        result = cli("train", *args, *extra, "--out", tmp_path / name)
+        assert result.exit_code == 0, (result.output, result.exception)
+    plain, strided = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(tmp_path / "strided.pt")
+    assert plain["provenance"]["data"]["z_strides"] == [1] and strided["provenance"]["data"]["z_strides"] == [1, 2, 3]
+    assert any(not torch.equal(plain["model"][k], strided["model"][k]) for k in plain["model"])
+    assert_user_error(cli("train", *args, "--iterations", 6, "--z-strides", "1,2", "--out", tmp_path / "strided.pt",
+                          "--resume"), contains="different z_strides")
+
+
 def test_paired_training_records_both_images(images, cluster, tmp_path):
     summary = train_image(images["clean"], tmp_path / "p.pt", input=images["noisy"], preset="tiny-2d",
                           patch=(16, 16), batch=2, iterations=2, val_fraction=0.34, cluster=cluster, progress=False,
@@ -103,6 +118,9 @@ def test_paired_training_records_both_images(images, cluster, tmp_path):
     (["--degrade", DEGRADE, "--patch", "big", 8, 8], "'--patch'"),
     (["--degrade", DEGRADE, "--target", "{missing}"], "does not exist"),
     (["--degrade", DEGRADE, "--gpus", "0"], "--workers/--gpus must be"),
+    (["--degrade", DEGRADE, "--z-strides", "1,2"], "--z-strides needs a 2.5D preset"),
+    (["--degrade", DEGRADE, "--preset", "tiny-2.5d", "--z-strides", "0,2"], "positive whole numbers"),
+    (["--degrade", DEGRADE, "--preset", "tiny-2.5d", "--z-strides", "two"], "separated by commas"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(images, tmp_path, case, contains):
     paths = {**images, "missing": str(tmp_path / "nope.ome.zarr")}

@@ -439,6 +439,9 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--noise-balance", type=click.FloatRange(0, 2), default=0.0, show_default=True,
               help="Weight each patch's loss by (its input's error)^-B, so bright, nearly clean patches count as "
               "much as dim ones in a model trained over a range of noise levels; 0 = plain MSE.")
+@click.option("--z-strides", default=None, metavar="S[,S...]",
+              help="2.5D presets: take each patch's z neighbours one of these many slices apart (e.g. 1,2,4,8), so a "
+              "model trained on finely sampled z also suits coarser stacks [1].")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of the images to train on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, patches, noise and timesteps.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints and validation "
@@ -449,13 +452,20 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--workers", "--gpus", "workers", type=int, default=1, show_default=True,
               help="Workers (GPUs) to train on; N > 1 runs DistributedDataParallel, global batch N x --batch.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def train_cmd(target, input_, degrade, preset, out, patch, as_json, **kwargs):
+def train_cmd(target, input_, degrade, preset, out, patch, z_strides, as_json, **kwargs):
     """Train a restoration model on OME-Zarr data as a task on the Dask cluster and write the checkpoint OUT."""
     from volrestore.model.trainjob import train_image
 
+    if z_strides is not None:
+        try:
+            z_strides = [int(s) for s in z_strides.split(",")]
+        except ValueError:
+            raise UserError(f"--z-strides takes whole numbers separated by commas such as 1,2,4,8, got {z_strides}") from None
+
     started = time.perf_counter()
     summary = train_image(target, out, input=input_, degrade=degrade, preset=preset,
-                          patch=list(patch) if patch else None, progress=show_progress(), command=command_line(),
+                          patch=list(patch) if patch else None, z_strides=z_strides, progress=show_progress(),
+                          command=command_line(),
                           echo=_messages(as_json), **kwargs)
     if as_json:
         _print_summary("train", started, {"target": target, "input": input_, "degrade": degrade, "preset": preset,

@@ -167,3 +167,4 @@ class TrainData(_Frozen):
     val_fraction: float = Field(ge=0, lt=1)
     seed: int = 0
     z_context: int = 0
+    z_strides: list[int] = [1]  # 2.5D: a training patch's z neighbours this many slices apart (one drawn per patch)

@@ -86,12 +86,12 @@ def sampler_for(data: TrainData) -> PatchSampler:
     return PatchSampler(SpatialView(data.target["path"], data.target["level"]), cond,
                         degrade=Degradation.parse(data.degrade) if data.degrade else None,
                         patch=tuple(data.patch), batch=data.batch, seed=data.seed, val_fraction=data.val_fraction,
-                        ref=data.photon_reference, z_context=data.z_context)
+                        ref=data.photon_reference, z_context=data.z_context, z_strides=tuple(data.z_strides))
 
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
                 val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
-                resume=False, overwrite=False, cluster="local", workers=1, echo=print, progress=True,
+                z_strides=None, resume=False, overwrite=False, cluster="local", workers=1, echo=print, progress=True,
                 command=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
@@ -113,7 +113,7 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
     if config.objective not in nets.OBJECTIVES:
         raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
     data, sampler = _training_data(target, input, degrade, level, preset_cfg, patch, batch, workers, val_fraction,
-                                   seed)
+                                   seed, z_strides)
     source, start, norm = _resume_source(out, resume, overwrite, config, data)
     if source is None:
         norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
@@ -124,8 +124,10 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
     return _train_on_cluster(job, out, start, cluster, echo, progress)
 
 
-def _training_data(target, input, degrade, level, preset: dict, patch, batch, workers, val_fraction, seed):
+def _training_data(target, input, degrade, level, preset: dict, patch, batch, workers, val_fraction, seed,
+                   z_strides=None):
     """(TrainData, its PatchSampler) after checking the images against each other and the preset."""
+    z_strides = _z_strides(z_strides, preset)
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if (input is None) == (degrade is None):
@@ -146,10 +148,25 @@ def _training_data(target, input, degrade, level, preset: dict, patch, batch, wo
     check_validation_split(tdesc["shape"][-2], patch[-2], val_fraction)
     sampler = PatchSampler(SpatialView(target, level), SpatialView(input, level) if input else None, degrade=deg,
                            patch=patch, batch=batch, seed=seed, val_fraction=val_fraction,
-                           z_context=nets.z_context(preset))
+                           z_context=nets.z_context(preset), z_strides=z_strides)
     data = TrainData(target=tdesc, input=idesc, degrade=degrade, photon_reference=sampler.ref, patch=list(patch),
-                     batch=batch, val_fraction=float(val_fraction), seed=seed, z_context=nets.z_context(preset))
+                     batch=batch, val_fraction=float(val_fraction), seed=seed, z_context=nets.z_context(preset),
+                     z_strides=list(z_strides))
     return data, sampler
+
+
+def _z_strides(strides, preset: dict) -> tuple[int, ...]:
+    """--z-strides as a tuple, (1,) when not given; UserError for non-positive strides or a preset without z
+    neighbours (only a 2.5D net sees other slices, so only its patches can take them further apart)."""
+    if strides is None:
+        return (1,)
+    strides = tuple(strides)
+    if not strides or any(not isinstance(s, int) or s < 1 for s in strides):
+        raise UserError(f"--z-strides must be positive whole numbers such as 1,2,4,8, got {','.join(map(str, strides))}")
+    if strides != (1,) and not nets.z_context(preset):
+        raise UserError(f"--z-strides needs a 2.5D preset (one that sees neighbouring z-slices, e.g. small-2.5d); "
+                        f"{preset['name']} has none")
+    return strides
 
 
 def check_validation_split(ny: int, patch_y: int, val_fraction: float) -> None:
@@ -228,7 +245,9 @@ def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig
     ck = load_checkpoint(source)
     check_resumable(ck, config, source)
     theirs, mine = (ck.get("provenance") or {}).get("data") or {}, data.model_dump()
-    changed = [k for k in mine if k != "photon_reference" and theirs.get(k) != mine[k]]  # that one is derived
+    # photon_reference is derived; a field older checkpoints lack has its default (their data had it too)
+    changed = [k for k in mine if k != "photon_reference"
+               and theirs.get(k, TrainData.model_fields[k].default) != mine[k]]
     if changed:  # resume replays the data by (seed, iteration): other data would silently break that
         raise UserError(f"cannot resume {source}: it was trained with different {', '.join(changed)}; train a new "
                         "model with --overwrite or another --out")
