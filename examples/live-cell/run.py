@@ -47,7 +47,7 @@ PRESET = "tiny-2d"  # plane by plane: the yeast (z 0.25 um, xy 0.066 um) and the
 # own rough photon-transfer estimate (estimate_noise below, printed and stored in results.json): only the noise
 # *statistics* of the yeast are used, never its content.
 # (t, z, y, x) region restored. Tiles = the training patch (one plane x 32 x 32), overlap 4: chosen when the tiny
-# presets had GroupNorm (statistics over a larger tile shifted the output); the nets have none since 0.2, so larger
+# presets had GroupNorm (statistics over a larger tile shifted the output); the magnitude-preserving nets have none, so larger
 # tiles would give the same values faster, but the example keeps these so its recorded results stay comparable.
 FULL = dict(region=(slice(0, 4), slice(None), slice(48, 144), slice(60, 220)), iterations=300, patch=(1, 32, 32),
             batch=8, samples=2, steps=6, tile=(1, 32, 32), overlap=4)
