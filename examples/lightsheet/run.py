@@ -43,11 +43,11 @@ PINS = {
 EXPECTED_VOXEL = (0.3, 0.145, 0.145)
 
 # Train on scan planes [0, 96), evaluate on [112, 150): a gap of 16 planes. The cells are sheared across ~30 planes,
-# so a cell near the gap can have a sliver in both regions; the evaluation planes are never trained on.
-# Evaluation region: planes [112, 144), y [16, 112) (the coverslip band below is nearly empty), x [0, 104).
-# Tiles = the training patch (8 x 32 x 32), overlap 4: chosen when the tiny presets had GroupNorm, whose statistics
-# over a tile shifted the output when tile and patch sizes differed (13.7 dB with 40 x 104 x 112 tiles against 27.4 dB
-# with 8 x 32 x 32). The magnitude-preserving nets (issue 11) have no spatial statistics, so larger tiles would give the same values faster;
+# so a cell near the gap can have a sliver in both regions; the evaluation planes are never trained on. Evaluation
+# region: planes [112, 144), y [16, 112) (the coverslip band below is nearly empty), x [0, 104). Tiles = the training
+# patch (8 x 32 x 32), overlap 4: chosen when the tiny presets had GroupNorm, whose statistics over a tile shifted the
+# output when tile and patch sizes differed (13.7 dB with 40 x 104 x 112 tiles against 27.4 dB with 8 x 32 x 32). The
+# magnitude-preserving nets (issue 11) have no spatial statistics, so larger tiles would give the same values faster;
 # the example keeps these so its recorded results stay comparable.
 FULL = dict(train=(slice(0, 96), slice(None), slice(None)), eval=(slice(112, 144), slice(16, 112), slice(0, 104)),
             iterations=300, patch=(8, 32, 32), batch=4, samples=4, steps=6, val_fraction=0.3,

@@ -43,12 +43,12 @@ PINS = {
                         "6cb8ccde086454012096c8e3e4cf460ca5062a408240799f39c5f541f3f9f746"),
 }
 PRESET = "tiny-2d"  # plane by plane: the yeast (z 0.25 um, xy 0.066 um) and the RBC stack differ in anisotropy
-# The training degradation's photons (at the 99.9th percentile) and read noise (photons) are set from the yeast's
-# own rough photon-transfer estimate (estimate_noise below, printed and stored in results.json): only the noise
-# *statistics* of the yeast are used, never its content.
-# (t, z, y, x) region restored. Tiles = the training patch (one plane x 32 x 32), overlap 4: chosen when the tiny
-# presets had GroupNorm (statistics over a larger tile shifted the output); the magnitude-preserving nets have none, so larger
-# tiles would give the same values faster, but the example keeps these so its recorded results stay comparable.
+# The training degradation's photons (at the 99.9th percentile) and read noise (photons) are set from the yeast's own
+# rough photon-transfer estimate (estimate_noise below, printed and stored in results.json): only the noise
+# *statistics* of the yeast are used, never its content. (t, z, y, x) region restored. Tiles = the training patch (one
+# plane x 32 x 32), overlap 4: chosen when the tiny presets had GroupNorm (statistics over a larger tile shifted the
+# output); the magnitude-preserving nets have none, so larger tiles would give the same values faster, but the example
+# keeps these so its recorded results stay comparable.
 FULL = dict(region=(slice(0, 4), slice(None), slice(48, 144), slice(60, 220)), iterations=300, patch=(1, 32, 32),
             batch=8, samples=2, steps=6, tile=(1, 32, 32), overlap=4)
 QUICK = dict(region=(slice(0, 3), slice(4, 12), slice(64, 128), slice(100, 196)), iterations=150, patch=(1, 32, 32),
