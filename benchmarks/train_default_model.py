@@ -5,7 +5,11 @@ synthetic phantoms plus one real lattice light-sheet volume; the CHO nuclei volu
     bash ../shared/data/fetch-samples.sh data                     # real volumes (sha256-checked), git-ignored
     python benchmarks/train_default_model.py --data data           # -> runs/default_model/default-diffusion.pt
     python benchmarks/train_default_model.py --data data --objective regression \
-        --out runs/default_model/default-regression.pt             # then copy both into src/volrestore/models/
+        --out runs/default_model/default-regression.pt             # v2: 5000 iterations each
+    python benchmarks/train_default_model.py --finish --out OUT    # each (v2 as shipped: EMA weights, no optimizer)
+    python benchmarks/train_default_model.py --data data [--objective regression --out OUT] --resume --iterations 11000
+                                                                   # v3: Adam restarted, z strides from 6000; copy
+                                                                   # both into src/volrestore/models/
 
 Blind to the noise level: every patch gets its own photon budget (log-uniform 1-100 photons at the bright end) and
 read noise (0.5-3 photons). Any intensity units: each volume is put into reference units (its median -> 0, its
