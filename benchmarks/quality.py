@@ -486,22 +486,21 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
                     note=f"{info['preset']}, train {info['train_s']:.0f} s ({info['degrade'].split(',')[0]})")
             except Exception as exc:
                 add(p, method, label, failed=str(exc)[:160])
-    shipped = {"default", "default_regression", "default_ddpm", "default_tta"}
-    if shipped & set(args.methods):
-        from volrestore.model.diffusion_restorer import default_model_path
+    k = QUICK_DEFAULT_K if args.quick else DEFAULT_K
+    # What `restore IN OUT` gives (the shipped regression), the shipped diffusion model's K-sample average and the
+    # regression averaged over its flips and turns; "default" asks for the first two (the README's columns).
+    shipped_runs = (("default", "regression", {}, "shipped default (regression)", {"default", "default_regression"}),
+                    ("default_ddpm", "diffusion", {"samples": k}, f"shipped default-diffusion K={k}",
+                     {"default", "default_ddpm"}),
+                    ("default_tta", "regression", {"tta": DEFAULT_TTA},
+                     f"shipped default (regression), --tta {DEFAULT_TTA}", {"default_tta"}))
+    from volrestore.model.diffusion_restorer import default_model_path
 
-        k = QUICK_DEFAULT_K if args.quick else DEFAULT_K
-        # What `restore IN OUT` gives (the shipped regression), the shipped diffusion model's K-sample average and the
-        # regression averaged over its flips and turns; "default" asks for the first two (the README's columns).
-        runs = (("default", "regression", {}, "shipped default (regression)", {"default", "default_regression"}),
-                ("default_ddpm", "diffusion", {"samples": k}, f"shipped default-diffusion K={k}",
-                 {"default", "default_ddpm"}),
-                ("default_tta", "regression", {"tta": DEFAULT_TTA},
-                 f"shipped default (regression), --tta {DEFAULT_TTA}", {"default_tta"}))
-        for method, kind, opts, label, asked_by in runs:
-            path = default_model_path(kind)
-            if not path.exists() or not asked_by & set(args.methods):
-                continue
+    for method, kind, opts, label, asked_by in shipped_runs:
+        if not asked_by & set(args.methods):
+            continue
+        path = default_model_path(kind)
+        if path.exists():
             h = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
             for p in args.photons:
                 try:
@@ -666,7 +665,8 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help=f"our network preset [{DEFAULT_PRESET}; quick {QUICK_PRESET}]")
     ap.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
                     help="training patch of ours, e.g. 1 96 96 [the preset's, fitted]")
-    ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS) + f" (or {' / '.join(SHIPPED_ONLY)}: one of default's two)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=",".join(METHODS) + f" (or {' / '.join(SHIPPED_ONLY)}: one of default's two)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny crops, one photon level, 20 iterations, K=2, "
                     "CARE only if its venv exists")
     ap.add_argument("--care-dims", type=int, choices=(2, 3), default=None,
