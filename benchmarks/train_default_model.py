@@ -21,6 +21,7 @@ of the iteration), checkpointed every 250 iterations, so an interrupted run can 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -32,6 +33,7 @@ import torch
 from scipy import ndimage
 
 from volrestore.config import TrainConfig
+from volrestore.evaluation import metrics
 from volrestore.model import nets
 from volrestore.simulate import synthetic
 from volrestore.model import checkpoint
@@ -68,23 +70,36 @@ def reference_units(vol: np.ndarray) -> tuple[float, float]:
     return float(np.median(vol)), float(np.percentile(smooth, 99.9))
 
 
+def texture_photons(index: int) -> float:
+    """The shot noise phantom `index` carries as a target: inf (noiseless) for even ones, else log-spaced over
+    TEXTURE_PHOTONS."""
+    if index % 2 == 0:
+        return math.inf
+    n = len(TRAIN_SEEDS) // 2
+    return TEXTURE_PHOTONS[0] * (TEXTURE_PHOTONS[1] / TEXTURE_PHOTONS[0]) ** ((index // 2) / max(n - 1, 1))
+
+
 def textured(clean: np.ndarray, index: int) -> np.ndarray:
     """Odd-indexed phantoms become what a good acquisition of them looks like: Poisson shot noise at a photon budget
     log-spaced over TEXTURE_PHOTONS (at the 99.9th percentile), in the phantom's units; even ones stay noiseless."""
     if index % 2 == 0:
         return clean
-    n = len(TRAIN_SEEDS) // 2
-    photons = TEXTURE_PHOTONS[0] * (TEXTURE_PHOTONS[1] / TEXTURE_PHOTONS[0]) ** ((index // 2) / max(n - 1, 1))
+    photons = texture_photons(index)
     scale = photons / float(np.percentile(clean, 99.9))
     rng = np.random.default_rng([index, 17])
     return (rng.poisson(np.clip(clean, 0, None) * scale) / scale).astype(np.float32)
 
 
 class Source:
-    """One clean volume: patches degraded at a random level each, returned in reference units."""
+    """One clean volume: patches degraded at a random level each, returned in reference units with the level a
+    restore would measure on them: `own_photons` is the clean volume's own shot noise (inf: noiseless), so a patch
+    degraded to P photons with read noise r carries 1 / (1/P + 1/own) + r² photons of noise variance at the bright
+    intensity on the underlying structure, which is what metrics.shot_noise_photons reads on a user's image."""
 
-    def __init__(self, clean: np.ndarray, seed: int, val_fraction: float = 0.0, z_strides=(1,)):
+    def __init__(self, clean: np.ndarray, seed: int, val_fraction: float = 0.0, z_strides=(1,),
+                 own_photons: float = math.inf):
         self.lo, self.hi = reference_units(clean)
+        self.own_photons = own_photons
         deg = Degradation(photons=PHOTONS[0], photons_max=PHOTONS[1], read=READ[0], read_max=READ[1], seed=seed)
         z_context = nets.z_context(nets.load_preset(PRESET))
         self.sampler = patches.PatchSampler(clean, degrade=deg, patch=PATCH, batch=1, seed=seed,
@@ -95,7 +110,10 @@ class Source:
         return tuple((a - self.lo) / (self.hi - self.lo) for a in pair)
 
     def __call__(self, index: int):
-        return self.scale(self.sampler(index))
+        return (*self.scale(self.sampler(index)), self.level(self.sampler.levels(index)))
+
+    def level(self, levels: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 / levels[:, 0] + 1.0 / self.own_photons) + levels[:, 1] ** 2
 
 
 class MixedBatches:
@@ -106,15 +124,19 @@ class MixedBatches:
 
         self.seed = seed
         phantoms = [textured(synthetic.phantom(PHANTOM_SHAPE, seed=s), i) for i, s in enumerate(TRAIN_SEEDS)]
+        phantom_photons = [texture_photons(i) for i in range(len(TRAIN_SEEDS))]
         real = []
         for name, region in REAL.items():
             path = data_dir / name
             if not path.is_file():
                 sys.exit(f"error: {path} missing: run bash ../shared/data/fetch-samples.sh {data_dir}")
             real.append(np.asarray(tifffile.imread(path), np.float32)[region])
+        real_photons = [metrics.shot_noise_photons(c) for c in real]  # RBC: ~660 (an acquisition, not noiseless)
         # The same volumes, seeds and noise keys twice: neighbours 1 slice apart (before Z_STRIDES_FROM), and strided.
-        self.pools = {strides: ([Source(c, seed=s, z_strides=strides) for c, s in zip(phantoms, TRAIN_SEEDS)],
-                                [Source(c, seed=2000 + i, z_strides=strides) for i, c in enumerate(real)])
+        self.pools = {strides: ([Source(c, seed=s, z_strides=strides, own_photons=p)
+                                 for c, s, p in zip(phantoms, TRAIN_SEEDS, phantom_photons)],
+                                [Source(c, seed=2000 + i, z_strides=strides, own_photons=p)
+                                 for i, (c, p) in enumerate(zip(real, real_photons))])
                       for strides in {(1,), Z_STRIDES}}
 
     def __call__(self, iteration: int):
@@ -124,13 +146,13 @@ class MixedBatches:
         for b in range(BATCH):
             pool = real if rng.random() < REAL_SHARE else phantoms
             pairs.append(pool[int(rng.integers(len(pool)))](iteration * BATCH + b))
-        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        return tuple(np.concatenate([p[i] for p in pairs]) for i in range(3))
 
     def normalisation(self) -> checkpoint.Normalisation:
         # Reference units (0 = background, 1 = bright) map to -1 / +1 for input and target alike, so the restorer's
         # image normalisation (median, smoothed p99.9 -> the target's 0 / 1) lands exactly on the training scale.
         # The clamp for x0 covers the targets actually seen (puncta above the 99.9th percentile must survive).
-        targets = np.concatenate([self(10**9 + i)[1].ravel() for i in range(64)])
+        targets = np.concatenate([self(10**9 + i)[1].ravel() for i in range(64)])  # the same with or without levels
         norm = checkpoint.Normalisation((0.0, 1.0), (0.0, 1.0))
         t = norm.target_to_unit(np.array([targets.min(), targets.max()]))
         norm.clip = (min(-1.0, float(t[0])), max(1.0, float(t[1]) + 0.5))
@@ -138,22 +160,25 @@ class MixedBatches:
 
     def validation(self):
         val = Source(synthetic.phantom(PHANTOM_SHAPE, seed=VAL_SEED), seed=VAL_SEED, val_fraction=0.5)
-        return val.scale(val.sampler.validation(4))
+        return (*val.scale(val.sampler.validation(4)), val.level(val.sampler.levels(0, 0, 4, val=True)))
 
 
 def train_model(out, data_dir: Path, objective: str = "edm", iterations: int = ITERATIONS, threads: int = 1,
-                resume: bool = False, log=print) -> dict:
+                resume: bool = False, log=print, condition: str = "none") -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = MixedBatches(data_dir)
     cfg = TrainConfig(preset=PRESET, objective=objective, iterations=iterations, lr=LR, warmup=WARMUP,
-                            ema_decay=EMA, checkpoint_every=250, seed=0)
+                      ema_decay=EMA, checkpoint_every=250, seed=0, condition=condition)
     provenance = {"data": {"phantoms": list(TRAIN_SEEDS), "phantom_shape": list(PHANTOM_SHAPE),
                            "real": {k: str(v) for k, v in REAL.items()}, "real_share": REAL_SHARE,
                            "textured_phantoms": {"every": 2, "photons": list(TEXTURE_PHOTONS)},
                            "held_out_real": "Fluo-N3DH-CHO_02_img.tif",
                            "z_strides": {"strides": list(Z_STRIDES), "from_iteration": Z_STRIDES_FROM}},
                   "degradation": {"photons": list(PHOTONS), "read": list(READ), "blur": None},
+                  "condition": condition if condition == "none" else {
+                      "kind": condition,
+                      "level": "1 / (1/P + 1/own photons of the clean volume) + read^2, at its p99.9"},
                   "units": "reference (median -> 0, smoothed p99.9 -> 1)", "val_seed": VAL_SEED,
                   "patch": list(PATCH), "batch": BATCH, "script": "benchmarks/train_default_model.py",
                   "command": " ".join(sys.argv),
@@ -198,13 +223,15 @@ def main():
     ap.add_argument("--iterations", type=int, default=ITERATIONS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--condition", default="none", choices=("none", "photons"),
+                    help="photons: the net is told each patch's noise level (regression only; v4 from v3's 11000)")
     ap.add_argument("--finish", action="store_true", help="only strip the optimizer from OUT (ship a checkpoint)")
     a = ap.parse_args()
     if a.finish:
         finish(a.out, 0.0)
         return
     train_model(a.out, Path(a.data), a.objective, a.iterations, a.threads, a.resume,
-                log=lambda m: print(m, flush=True))
+                log=lambda m: print(m, flush=True), condition=a.condition)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,49 @@ def test_degradation_spec_and_determinism(tmp_path):
             Degradation.parse(bad)
 
 
+def test_degradation_level_is_the_one_each_call_draws():
+    """level(counter) is the (photons, read) the call with that counter uses: a flat image at the reference comes
+    back with variance 1/P + (read/P)^2 in reference units, for each of several counters' drawn levels."""
+    d = Degradation.parse("poisson:photons=2-200,read=0.5-2,seed=4")
+    flat = np.ones((256, 256))
+    levels = [d.level((7, i)) for i in range(4)]
+    assert len({p for p, _ in levels}) == 4 and all(2 <= p <= 200 and 0.5 <= r <= 2 for p, r in levels)
+    for i, (p, r) in enumerate(levels):
+        assert np.var(d(flat, (7, i), ref=1.0)) == pytest.approx(1 / p + (r / p) ** 2, rel=0.05)
+    assert Degradation.parse("poisson:photons=20,read=1").level((1, 2)) == (20.0, 1.0)
+
+
+def test_patch_sampler_photons_and_photon_conditioned_training(tmp_path):
+    """The sampler names each patch's drawn level (training and validation; told as photons + read²), a photon-conditioned regression run
+    records its condition and restores differently at different told levels; conditioning needs the levels."""
+    deg = Degradation.parse("poisson:photons=3-100,read=1,seed=1")
+    sampler = patches.PatchSampler(synthetic.phantom((4, 96, 64), seed=1), degrade=deg, patch=(32, 32), batch=4,
+                                   val_fraction=0.34)
+    assert np.array_equal(sampler.levels(5), [deg.level((1, 5, b)) for b in range(4)])
+    assert np.array_equal(sampler.photons(5), [p + r**2 for p, r in (deg.level((1, 5, b)) for b in range(4))])
+    assert np.array_equal(sampler.photons(5, 1, 3), sampler.photons(5)[1:3])
+    assert np.array_equal(sampler.levels(0, 0, 2, val=True), [deg.level((2, 0, b)) for b in range(2)])
+    paired = patches.PatchSampler(np.ones((4, 64, 64)), np.ones((4, 64, 64)), patch=(32, 32), batch=2, val_fraction=0)
+    with pytest.raises(UserError, match="no known noise level"):
+        paired.photons(0)
+
+    cfg = TrainConfig(preset="tiny-2d", iterations=3, warmup=2, checkpoint_every=3, lr=2e-3, objective="regression",
+                      condition="photons")
+    with pytest.raises(UserError, match=r"\(cond, target, photons\)"):
+        train.train(sampler, tmp_path / "x.pt", cfg, sampler.fit_normalisation())
+    ck = train.train(lambda it: (*sampler(it), sampler.photons(it)), tmp_path / "c.pt", cfg,
+                     sampler.fit_normalisation())
+    assert ck["condition"] == "photons"
+    tiles = sampler(0)[0][:2]
+    outs = [DiffusionRestorer(tmp_path / "c.pt", photons=p)(tiles, [(0, 0, 0), (0, 0, 32)], seed=0)["mean"]
+            for p in (3, 300)]
+    assert not np.array_equal(*outs)
+    with pytest.raises(ValueError, match="needs photons"):
+        DiffusionRestorer(tmp_path / "c.pt")
+    with pytest.raises(UserError, match="regression objective"):
+        train.train(sampler, tmp_path / "e.pt", cfg.model_copy(update={"objective": "v"}), sampler.fit_normalisation())
+
+
 def test_presets_by_name_or_path(tmp_path):
     from volrestore.model import nets
 

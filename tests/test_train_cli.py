@@ -98,6 +98,42 @@ def test_z_strides_are_recorded_and_change_training(images, cluster, tmp_path):
                           "--resume"), contains="different z_strides")
 
 
+def test_photon_conditioned_model_trains_and_restores_with_measured_or_given_photons(images, cluster, tmp_path):
+    """`train --condition photons` tells a regression net each patch's drawn level; `restore` measures the image's
+    level (recorded in provenance, so --resume compares it) or takes --photons, and the level changes the result;
+    a blind model refuses --photons; --resume refuses another condition."""
+    out, addr = tmp_path / "c.pt", cluster.scheduler.address
+    args = ["--target", images["clean"], "--degrade", "poisson:photons=3-100,read=1,seed=1", *SHORT,
+            "--objective", "regression", "--checkpoint-every", 6, "--cluster", addr]
+    result = cli("train", *args, "--iterations", 6, "--condition", "photons", "--lr", "1e-2", "--out", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    ck = load_checkpoint(out)
+    assert ck["condition"] == "photons" and ck["train_config"]["condition"] == "photons"
+    assert_user_error(cli("train", *args, "--iterations", 8, "--out", out, "--resume"), contains="--condition photons")
+
+    common = ["--model", out, "--tile", 1, 16, 16, "--overlap", 4, "--cluster", addr]
+    runs = {}
+    for name, extra in (("measured", []), ("p3", ["--photons", 3]), ("p300", ["--photons", 300])):
+        result = cli("restore", images["noisy"], tmp_path / f"{name}.ome.zarr", *common, *extra)
+        assert result.exit_code == 0, (result.output, result.exception)
+        runs[name] = np.asarray(ngff.open_level(str(tmp_path / f"{name}.ome.zarr"), 0)[...])
+        params = ngff.read_info(str(tmp_path / f"{name}.ome.zarr")).provenance["parameters"]
+        runs[name + "_photons"] = params["model"]["options"]["photons"]
+    assert runs["p3_photons"] == 3 and runs["p300_photons"] == 300
+    # the noisy image (phantom x 1000 + Poisson(50) background, read as photons at its bright level): measured, recorded
+    assert 10 < runs["measured_photons"] < 1e4
+    assert not np.array_equal(runs["p3"], runs["p300"])  # the net uses the level it is told
+
+    blind = tmp_path / "blind.pt"
+    assert cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 2,
+               "--objective", "regression", "--out", blind, "--cluster", addr).exit_code == 0
+    restored = tmp_path / "x.ome.zarr"
+    assert_user_error(cli("restore", images["noisy"], restored, "--model", blind, "--photons", 10), restored,
+                      contains="blind to the noise level")
+    assert_user_error(cli("restore", images["noisy"], restored, "--model", out, "--photons", -1), restored,
+                      contains="--photons must be a positive number")
+
+
 def test_paired_training_records_both_images(images, cluster, tmp_path):
     summary = train_image(images["clean"], tmp_path / "p.pt", input=images["noisy"], preset="tiny-2d",
                           patch=(16, 16), batch=2, iterations=2, val_fraction=0.34, cluster=cluster, progress=False,
@@ -121,6 +157,8 @@ def test_paired_training_records_both_images(images, cluster, tmp_path):
     (["--degrade", DEGRADE, "--z-strides", "1,2"], "--z-strides needs a 2.5D preset"),
     (["--degrade", DEGRADE, "--preset", "tiny-2.5d", "--z-strides", "0,2"], "positive whole numbers"),
     (["--degrade", DEGRADE, "--preset", "tiny-2.5d", "--z-strides", "two"], "separated by commas"),
+    (["--degrade", DEGRADE, "--condition", "photons"], "add --objective regression"),
+    (["--input", "{noisy}", "--objective", "regression", "--condition", "photons"], "--degrade SPEC"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(images, tmp_path, case, contains):
     paths = {**images, "missing": str(tmp_path / "nope.ome.zarr")}

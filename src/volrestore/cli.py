@@ -222,6 +222,9 @@ def _print_info(info):
 @click.option("--tta", type=int, default=None,
               help="Model option (trained models): average the network over N of its flips and turns (1, 2, 4, 8; "
                    "16 with z flips for 2.5D/3D nets): N network evaluations per voxel for a more accurate mean.")
+@click.option("--photons", type=float, default=None,
+              help="Model option (models conditioned on the noise level, e.g. the shipped default): photons at the "
+                   "image's bright intensity, if you know them; measured on the image otherwise.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def restore_command(src, out, tile, chunks, block, as_json, **kwargs):
     """Restore IN blockwise with a model on a Dask cluster and write the OME-Zarr OUT."""
@@ -442,6 +445,9 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--z-strides", default=None, metavar="S[,S...]",
               help="2.5D presets: take each patch's z neighbours one of these many slices apart (e.g. 1,2,4,8), so a "
               "model trained on finely sampled z also suits coarser stacks [1].")
+@click.option("--condition", type=click.Choice(["none", "photons"]), default="none", show_default=True,
+              help="photons: tell the model each patch's noise level (regression with --degrade); restore then "
+              "measures it on the image or takes --photons. none: the model is blind to it.")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of the images to train on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, patches, noise and timesteps.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints and validation "

@@ -153,6 +153,9 @@ class TrainConfig(_Frozen):
     # dimmest patches (the largest errors) do not dominate a blind model's gradient. 0 = plain MSE; 1 measured no
     # better on RBC at 3-30 photons (benchmarks/README.md), hence off by default.
     noise_balance: float = Field(0.0, ge=0, le=2)
+    # "photons": a regression net told each patch's noise level (photons at the reference intensity; the batches give
+    # it), restoring with the level measured on the image or given by the user; "none": blind to it.
+    condition: Literal["none", "photons"] = "none"
 
 
 class TrainData(_Frozen):

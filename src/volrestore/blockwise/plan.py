@@ -3,6 +3,7 @@ batch, the precision the input is read in)."""
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -146,10 +147,19 @@ def input_precision(dtype: str, spec: RestorerSpec) -> tuple[str, str | None]:
 def _resolve_model(config: RestoreConfig) -> RestorerSpec:
     spec = registry.resolve(config.model)
     options = dict(spec.options)
-    if options.get("normalise") == "image" and options.get("input_range") is None:
-        # The model adapts to this image's intensities: measure them once, record them (provenance, --resume).
-        ref = config.model.with_options(normalise="image", input_range=_input_range(config.input, config.level))
-        spec = registry.resolve(ref)
+    wants_range = options.get("normalise") == "image" and options.get("input_range") is None
+    wants_photons = "photons" in options and options["photons"] is None  # a model conditioned on the noise level
+    if wants_range or wants_photons:
+        # The model adapts to this image's intensities (and noise): measure them once, record them (provenance,
+        # --resume compares them).
+        stats = _input_range(config.input, config.level, photons=wants_photons)
+        measured = {"normalise": "image", "input_range": stats[:2]} if wants_range else {}
+        if wants_photons:
+            if not stats[2] > 0 or math.isinf(stats[2]):
+                raise UserError(f"cannot measure the noise level of {config.input} (no shot noise seen): give it "
+                                "with --photons N (photons at its bright intensity)")
+            measured["photons"] = round(stats[2], 3)
+        spec = registry.resolve(config.model.with_options(**measured))
     return spec
 
 
@@ -211,11 +221,13 @@ RANGE_SAMPLE_VOXELS = 32_000_000
 RANGE_SAMPLE_SEED = 20261202
 
 
-def _input_range(path, level, max_voxels=None) -> tuple[float, float]:
+def _input_range(path, level, max_voxels=None, photons: bool = False) -> tuple[float, ...]:
     """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
-    in-plane smoothing (σ = 1 voxel) so noise does not inflate it. Reading is bounded by max_voxels (default
-    RANGE_SAMPLE_VOXELS): all planes when they fit, else a fixed seeded sample of chunks (each read with a 4-voxel
-    in-plane margin so its smoothing matches the whole plane's), so a petabyte volume costs the same as a gigabyte."""
+    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; with `photons`, a third value: the photons its
+    shot noise puts at the bright intensity (evaluation.metrics.shot_noise_photons, on the same voxels). Reading is
+    bounded by max_voxels (default RANGE_SAMPLE_VOXELS): all planes when they fit, else a fixed seeded sample of
+    chunks (each read with a 4-voxel in-plane margin so its smoothing matches the whole plane's), so a petabyte
+    volume costs the same as a gigabyte."""
     from scipy import ndimage
 
     array = ngff.open_level(path, level)
@@ -229,11 +241,16 @@ def _input_range(path, level, max_voxels=None) -> tuple[float, float]:
     for read, inner in regions:
         values = np.nan_to_num(np.asarray(array[read], np.float64))
         sigma = [1.0 if a in "yx" else 0.0 for a in names]  # in-plane only, as a 2D filter of each plane
-        raw.append(values[inner].ravel())
+        raw.append(values[inner])
         smooth.append(ndimage.gaussian_filter(values, sigma)[inner].ravel())
-    background, bright = float(np.median(np.concatenate(raw))), float(np.percentile(np.concatenate(smooth), 99.9))
+    background = float(np.median(np.concatenate([r.ravel() for r in raw])))
+    bright = float(np.percentile(np.concatenate(smooth), 99.9))
     if not bright > background:
         raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
+    if photons:
+        from volrestore.evaluation.metrics import shot_noise_photons
+
+        return background, bright, shot_noise_photons(raw, at=bright)
     return background, bright
 
 

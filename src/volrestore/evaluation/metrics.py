@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 # Reference normalisation as in the CARE literature: the reference's 0.1 and 99.9 percentiles map to 0 and 1, and
 # PSNR/SSIM use data range 1. Percentiles come from a fixed 65536-bin histogram over the reference's [min, max]
@@ -253,3 +254,51 @@ def mean_variance(signal, residual, bins: int = 16) -> tuple[np.ndarray, np.ndar
     means = np.array([s[which == i].mean() if np.any(which == i) else np.nan for i in range(bins)])
     variances = np.array([r[which == i].var() if np.any(which == i) else np.nan for i in range(bins)])
     return means, variances
+
+
+def shot_noise_photons(image, q: float = 99.9, at: float | None = None, bins: int = 16) -> float:
+    """An image's noise level as photons: the noise variance at its q-th percentile intensity (or at intensity `at`)
+    divided by the squared gain, i.e. the photons a pure shot-noise image would have there (read noise adds its
+    variance in photons²). From the straight line of noise variance against intensity (Poisson: variance = gain x
+    (intensity - offset) + gain² x read²). `image`: an array, or a list of arrays (e.g. sampled chunks) in one fit.
+
+    Per voxel (in-plane, last two axes): noise h = x - mean(4 lateral neighbours) (variance 1.25 v for white noise);
+    voxels are binned by the mean of the 20 others of their 5 x 5 square, which shares no noise with h, and each bin's
+    intensity is the mean of the 5 voxels h uses, which shares no noise with the binning, so neither biases the slope
+    at low photon counts (binning by a mean that includes the voxel flattens it: 15 photons read at 3). Variance per
+    bin by MAD, so edges count little. Measured on quality.py's crops: within ~30 % at 3-30 photons on real volumes;
+    sharp synthetic structure reads as noise (a noiseless phantom: ~100 photons), correlated noise as fewer. A "clean"
+    reference that is itself an acquisition (an 8-bit confocal stack: ~56) carries its own noise; degrading it to P
+    photons measures something only when P is well below that. NaN when there is too little to fit."""
+    parts = image if isinstance(image, (list, tuple)) else [image]
+    ring, cross, high, values = [], [], [], []
+    for part in parts:
+        x = np.asarray(part, np.float64)
+        x = x.reshape(-1, *x.shape[-2:]) if x.ndim >= 2 else x.reshape(1, 1, -1)
+        values.append(x.ravel())
+        if min(x.shape[-2:]) < 5:
+            continue
+        centre = x[:, 2:-2, 2:-2]
+        neighbours = x[:, 1:-3, 2:-2] + x[:, 3:-1, 2:-2] + x[:, 2:-2, 1:-3] + x[:, 2:-2, 3:-1]
+        square = ndimage.uniform_filter(x, size=(1, 5, 5))[:, 2:-2, 2:-2] * 25
+        high.append(((centre - neighbours / 4) / np.sqrt(1.25)).ravel())
+        ring.append(((square - centre - neighbours) / 20).ravel())
+        cross.append(((centre + neighbours) / 5).ravel())
+    if not high:
+        return float("nan")
+    s, c, h = np.concatenate(ring), np.concatenate(cross), np.concatenate(high)
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
+    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, max(len(edges) - 2, 0))
+    means, variances = [], []
+    for i in range(len(edges) - 1):
+        hi = h[which == i]
+        if hi.size >= 50:
+            means.append(c[which == i].mean())
+            variances.append((1.4826 * np.median(np.abs(hi - np.median(hi)))) ** 2)
+    if len(means) < 3:
+        return float("nan")
+    gain, intercept = np.polyfit(means, variances, 1)
+    if gain <= 0:
+        return float("inf")  # no shot noise to see
+    level = np.percentile(np.concatenate(values), q) if at is None else at
+    return float((gain * level + intercept) / gain**2)

@@ -113,12 +113,26 @@ def _sigma_vec(sigma, n: int) -> torch.Tensor:
     return torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(n)
 
 
+# A regression net's embedding input: 0 for a blind model; for one conditioned on the noise level, a code of the
+# photons at the image's reference (bright) intensity, log-scaled like EDM's c_noise = ln(sigma)/4 and 0 at 10 photons.
+PHOTON_RANGE = (0.5, 5000.0)  # levels are clipped to this before coding (measured estimates can be wild)
+
+
+def photon_code(photons) -> torch.Tensor:
+    """(B,) float32 embedding input for photons at the reference intensity (scalar or (B,))."""
+    p = torch.as_tensor(photons, dtype=torch.float64).reshape(-1).clamp(*PHOTON_RANGE)
+    return ((p / 10.0).log() / 4).float()
+
+
 class Denoiser:
     """Wraps a network as D(x, sigma, cond) -> x0_hat; x0_hat is clamped to `clip` (normalised units). With bf16
-    autocast the network runs in bf16 while the sampler state stays fp32."""
+    autocast the network runs in bf16 while the sampler state stays fp32. `photons`: the image's noise level for a
+    regression net conditioned on it (None: blind)."""
 
-    def __init__(self, net, schedule: Schedule, objective: str, clip=(-1.0, 1.0), autocast: bool = False):
+    def __init__(self, net, schedule: Schedule, objective: str, clip=(-1.0, 1.0), autocast: bool = False,
+                 photons: float | None = None):
         self.net, self.schedule, self.objective, self.clip, self.autocast = net, schedule, objective, clip, autocast
+        self.photons = photons
 
     def raw(self, x, c_noise, cond):
         with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -126,7 +140,8 @@ class Denoiser:
 
     def __call__(self, x, sigma, cond):
         if self.objective == "regression":
-            return self.raw(None, torch.zeros(cond.shape[0]), cond).clamp(*self.clip)
+            level = torch.zeros(1) if self.photons is None else photon_code(self.photons)
+            return self.raw(None, level.expand(cond.shape[0]), cond).clamp(*self.clip)
         c_skip, c_out, c_in, c_noise = preconditioning(self.objective, _sigma_vec(sigma, x.shape[0]),
                                                        self.schedule.data_scale())
         out = self.raw(x * _bcast(c_in, x), c_noise, cond)
@@ -183,13 +198,14 @@ class SymmetrisedDenoiser:
         return total / len(self.transforms)
 
 
-def loss(net, x0, cond, schedule: Schedule, objective: str, sigma, noise, weight=None) -> torch.Tensor:
+def loss(net, x0, cond, schedule: Schedule, objective: str, sigma, noise, weight=None, photons=None) -> torch.Tensor:
     """EDM's weighted loss lambda(sigma) |D - x0|^2 with lambda = 1/c_out^2, i.e. the plain MSE of the net's output
     against its own target (eps for eps, v for v, unit-variance x0 mix for edm); sigma (B,) and noise from the
     caller's generator so training is reproducible. `weight` (B,), mean 1: a per-sample factor (see
     TrainConfig.noise_balance)."""
     if objective == "regression":
-        err = net(cond, None, torch.zeros(x0.shape[0], device=x0.device)) - x0
+        level = torch.zeros(x0.shape[0]) if photons is None else photon_code(photons)
+        err = net(cond, None, level.to(x0.device)) - x0
     else:
         c_skip, c_out, c_in, c_noise = preconditioning(objective, sigma, schedule.data_scale())
         x = x0 + _bcast(sigma, x0) * noise

@@ -3,6 +3,7 @@ samples."""
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from volrestore.model.checkpoint import Normalisation, load_checkpoint, model_fr
 
 OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalise": None, "input_range": None,
            "noise": None, "tta": 1}
+# Only for a model conditioned on the noise level (checkpoint "condition": "photons"): photons at the image's bright
+# (normalisation) intensity, given by the user or measured by the engine (blockwise.plan); blind models record none.
+PHOTONS = "photons"
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
@@ -105,7 +109,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     a worker refuses a file that changed in between, and provenance names the exact model."""
     options = {k: v for k, v in ref.options.items() if v is not None}
     name = shipped_name(ref.name, options)
-    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS))
+    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS) - {PHOTONS})
     if unknown:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
@@ -119,6 +123,11 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         raise UserError(f"--normalise must be image or model, got {opts['normalise']!r}")
     if opts["input_range"] is not None:
         opts["input_range"] = tuple(float(v) for v in opts["input_range"])
+    conditioned = ck.get("condition", "none") == "photons"
+    if conditioned:
+        opts[PHOTONS] = _photons(options.get(PHOTONS))
+    elif options.get(PHOTONS) is not None:
+        raise UserError(f"model {name} is blind to the noise level (it finds it in the image): drop --photons")
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
@@ -137,6 +146,18 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         default_tile=tile,
         default_overlap=overlap,
     )
+
+
+def _photons(value) -> float | None:
+    if value is None:
+        return None  # the engine measures it on the image
+    try:
+        photons = float(value)
+    except (TypeError, ValueError):
+        photons = float("nan")
+    if not photons > 0 or math.isinf(photons):
+        raise UserError(f"--photons must be a positive number (photons at the image's bright intensity), got {value!r}")
+    return photons
 
 
 def _tta_transforms(count, spatial_dims: int, z_context: int) -> list:
@@ -178,7 +199,8 @@ class DiffusionRestorer:
 
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
-                 normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1):
+                 normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1,
+                 photons: float | None = None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -205,6 +227,8 @@ class DiffusionRestorer:
             t_lo, t_hi = self.norm.target
             self.gain = (hi - lo) / (t_hi - t_lo) if hi > lo else 1.0
             self.offset = lo - self.gain * t_lo
+        if ck.get("condition", "none") == "photons" and photons is None:
+            raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
@@ -215,7 +239,7 @@ class DiffusionRestorer:
         # bf16 autocast for the network only on CUDA; the sampler's state and arithmetic stay fp32.
         net = torch.compile(self.net) if compile else self.net  # recompiles per tile shape: keep tiles fixed
         self.denoiser = self.network_eval = dfn.Denoiser(net, self.schedule, self.objective, self.norm.clip,
-                                                         autocast=self.device.type == "cuda")
+                                                         autocast=self.device.type == "cuda", photons=photons)
         if tta > 1:  # --tta: every network evaluation averaged over flips and turns (tta evaluations each)
             z_dim = 1 if self.z_context else 2  # a 2.5D net's z is its condition channels; a 3D net's, spatial z
             self.denoiser = dfn.SymmetrisedDenoiser(self.denoiser, _tta_transforms(tta, self.spatial_dims,

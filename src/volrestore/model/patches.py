@@ -117,6 +117,22 @@ class PatchSampler:
                             (stream, iteration, b), not val) for b in range(lo, hi)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
+    def levels(self, iteration: int, lo: int = 0, hi: int | None = None, *, val: bool = False) -> np.ndarray:
+        """(photons at the reference intensity, read noise in photons) that the degradation drew for samples lo..hi
+        of `iteration`'s batch (val: of the validation patches), float64 (hi - lo, 2)."""
+        if self.degrade is None:
+            raise UserError("a paired input image has no known noise level: train with --degrade to condition on it")
+        stream, iteration = (2, 0) if val else (1, iteration)
+        hi = self.batch if hi is None else hi
+        return np.array([self.degrade.level((stream, iteration, b)) for b in range(lo, hi)], np.float64)
+
+    def photons(self, iteration: int, lo: int = 0, hi: int | None = None, *, val: bool = False) -> np.ndarray:
+        """What a model conditioned on the noise level is told for these samples: the noise variance at the
+        reference intensity in photons (drawn photons + read noise²), which is what
+        evaluation.metrics.shot_noise_photons measures on such an image. (hi - lo,)"""
+        levels = self.levels(iteration, lo, hi, val=val)
+        return levels[:, 0] + levels[:, 1] ** 2
+
     def validation(self, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """n fixed patches from the held-out region."""
         if self.y_split == self.target.shape[-2]:

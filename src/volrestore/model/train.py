@@ -63,7 +63,8 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
           log: Callable[[dict], None] | None = None) -> dict | None:
     """Train and write checkpoints to `out`; returns the final checkpoint dict (None on DDP ranks other than 0).
 
-    `batches(iteration) -> (cond, target)` float32 (B, *spatial) in intensity units. A function of the iteration
+    `batches(iteration) -> (cond, target)` float32 (B, *spatial) in intensity units, plus photons (B,) at the
+    reference intensity when `config.condition` is "photons" (`val` likewise). A function of the iteration
     rather than an iterator so that `resume` sees exactly the data a straight run would: together with per-iteration
     seeds for timesteps, noise and dropout, N + M iterations and N, then resume M, give identical weights.
     `resume`: True continues from `out` when it exists, a path continues from that checkpoint.
@@ -77,6 +78,9 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     import torch.distributed as dist
 
     cfg = resolve_config(config)
+    if cfg.condition == "photons" and cfg.objective != "regression":
+        raise UserError("conditioning on the noise level is built for the regression objective: add --objective "
+                        "regression")
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     schedule = noise_schedule(cfg)
@@ -102,7 +106,8 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
                   "it_per_s": (done - state.start) / (time.perf_counter() - t0)}
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             if val is not None:
-                record["val_psnr"] = validate(state.ema, schedule, state.normalisation, *val, seed=cfg.seed)
+                record["val_psnr"] = validate(state.ema, schedule, state.normalisation, *val[:2], seed=cfg.seed,
+                                              photons=_photons(cfg, val))
             state.history.append(record)
             ck = save_checkpoint(out, state.checkpoint(cfg, schedule, provenance, done))
         if log:
@@ -146,6 +151,7 @@ class _TrainState:
     def checkpoint(self, cfg: TrainConfig, schedule: dfn.Schedule, provenance, iteration: int) -> dict:
         return {"preset": cfg.preset, "objective": cfg.objective, "schedule": schedule.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "provenance": provenance or {}, "iteration": iteration,
+                "condition": cfg.condition,
                 "train_config": cfg.model_dump(exclude={"preset"}), "history": self.history,
                 "model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict()}
 
@@ -154,7 +160,8 @@ def _step(state: _TrainState, model, cfg: TrainConfig, schedule, batch, it: int,
     """One optimizer step on iteration `it`'s batch; the (detached) mean loss of this rank."""
     for group in state.opt.param_groups:
         group["lr"] = _lr(cfg, it)
-    cond, target = batch
+    cond, target = batch[:2]
+    photons = _photons(cfg, batch)
     norm = state.normalisation
     cond = torch.from_numpy(_channels(norm.input_to_unit(cond), target)).float().to(device)
     x0 = torch.from_numpy(norm.target_to_unit(target)[:, None]).float().to(device)
@@ -164,7 +171,7 @@ def _step(state: _TrainState, model, cfg: TrainConfig, schedule, batch, it: int,
         torch.manual_seed(_seed(cfg.seed, it, _DROPOUT))  # dropout, per iteration so resume replays it
         # The centre channel is the slice being restored (a 2.5D condition carries its neighbours around it).
         weight = dfn.balance_weights(cond[:, cond.shape[1] // 2: cond.shape[1] // 2 + 1], x0, cfg.noise_balance)
-        loss = dfn.loss(model, x0, cond, schedule, cfg.objective, sigma, eps.to(device), weight)
+        loss = dfn.loss(model, x0, cond, schedule, cfg.objective, sigma, eps.to(device), weight, photons)
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     state.opt.step()
@@ -173,6 +180,16 @@ def _step(state: _TrainState, model, cfg: TrainConfig, schedule, batch, it: int,
         for pe, p in zip(state.ema.parameters(), state.net.parameters()):
             pe.lerp_(p, 1 - decay)
     return loss.detach()
+
+
+def _photons(cfg: TrainConfig, batch) -> np.ndarray | None:
+    """The batch's per-sample photons for a noise-conditioned run (None for a blind one)."""
+    if cfg.condition != "photons":
+        return None
+    if len(batch) < 3:
+        raise UserError("a model conditioned on the noise level needs each patch's photons: batches must give "
+                        "(cond, target, photons)")
+    return np.asarray(batch[2], np.float64)
 
 
 def _channels(cond: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -201,21 +218,21 @@ def check_resumable(ck: dict, config: TrainConfig, where) -> None:
 
 
 def validate(net, schedule, norm: Normalisation, cond: np.ndarray, target: np.ndarray, seed: int = 0,
-             steps: int = 10) -> float:
+             steps: int = 10, photons=None) -> float:
     """PSNR (dB, over the target's 0.1-99.9 percentile range) of one DPM-Solver++ sample (regression: one pass)."""
-    restored = predict(net, schedule, norm, cond, seed=seed, steps=steps)
+    restored = predict(net, schedule, norm, cond, seed=seed, steps=steps, photons=photons)
     return psnr_from_mse(float(np.mean((restored - target) ** 2)), data_range=norm.target[1] - norm.target[0])
 
 
 @torch.no_grad()
 def predict(net, schedule, norm: Normalisation, cond: np.ndarray, *, seed: int = 0, sampler: str = "dpmpp2m",
-            steps: int = 10, sample: int = 0, noise_fn=None) -> np.ndarray:
+            steps: int = 10, sample: int = 0, noise_fn=None, photons=None) -> np.ndarray:
     """One restoration of a batch (B, *spatial) in intensity units; noise keyed by (seed, sample, batch index, step)
-    unless noise_fn is given."""
+    unless noise_fn is given; `photons` (scalar or (B,)) for a regression net conditioned on the noise level."""
     device = next(net.parameters()).device
     c = np.asarray(norm.input_to_unit(np.asarray(cond, np.float32)))
     c = torch.from_numpy(c[:, None] if c.ndim == net.spatial_dims + 1 else c).float().to(device)
-    D = dfn.Denoiser(net, schedule, net.objective, clip=norm.clip)
+    D = dfn.Denoiser(net, schedule, net.objective, clip=norm.clip, photons=photons)
     if net.objective == "regression":
         y = D(None, 0.0, c)
     else:

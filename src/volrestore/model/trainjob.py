@@ -91,8 +91,8 @@ def sampler_for(data: TrainData) -> PatchSampler:
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
                 val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
-                z_strides=None, resume=False, overwrite=False, cluster="local", workers=1, echo=print, progress=True,
-                command=None) -> dict:
+                z_strides=None, condition="none", resume=False, overwrite=False, cluster="local", workers=1,
+                echo=print, progress=True, command=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
@@ -108,10 +108,15 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
     preset_cfg = nets.load_preset(preset)
     every = {"checkpoint_every": checkpoint_every} if checkpoint_every else {}
+    if condition not in ("none", "photons"):
+        raise UserError(f"--condition must be none or photons, got {condition!r}")
     config = resolve_config(TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr,
-                                        seed=seed, noise_balance=noise_balance, **every))
+                                        seed=seed, noise_balance=noise_balance, condition=condition, **every))
     if config.objective not in nets.OBJECTIVES:
         raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
+    if condition == "photons" and (config.objective != "regression" or degrade is None):
+        raise UserError("--condition photons trains a regression model on pairs made by --degrade (their noise level "
+                        "is known): add --objective regression and --degrade SPEC")
     data, sampler = _training_data(target, input, degrade, level, preset_cfg, patch, batch, workers, val_fraction,
                                    seed, z_strides)
     source, start, norm = _resume_source(out, resume, overwrite, config, data)
@@ -244,6 +249,9 @@ def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig
         return None, 0, None  # nothing to continue: a fresh start, as train(resume=True) does
     ck = load_checkpoint(source)
     check_resumable(ck, config, source)
+    if ck.get("condition", "none") != config.condition:
+        raise UserError(f"cannot resume {source}: it was trained with --condition {ck.get('condition', 'none')}; "
+                        "resume with that, or train a new model with --overwrite or another --out")
     theirs, mine = (ck.get("provenance") or {}).get("data") or {}, data.model_dump()
     # photon_reference is derived; a field older checkpoints lack has its default (their data had it too)
     changed = [k for k in mine if k != "photon_reference"
@@ -364,7 +372,15 @@ def _run_rank(job: Job, rank: int, rendezvous: str | None) -> dict | None:
         sampler = sampler_for(job.data)
         per = sampler.batch // job.world
         val = sampler.validation(VAL_PATCHES) if rank == 0 and job.data.val_fraction > 0 else None
-        ck = train(lambda it: sampler(it, rank * per, (rank + 1) * per), job.partial, job.config,
+        if job.config.condition == "photons":  # each patch's degradation level goes with it
+            val = val and (*val, sampler.photons(0, 0, VAL_PATCHES, val=True))
+
+            def batches(it):
+                return (*sampler(it, rank * per, (rank + 1) * per), sampler.photons(it, rank * per, (rank + 1) * per))
+        else:
+            def batches(it):
+                return sampler(it, rank * per, (rank + 1) * per)
+        ck = train(batches, job.partial, job.config,
                    Normalisation.from_dict(job.normalisation), provenance=job.provenance,
                    resume=job.resume or False, val=val, device=job.device,
                    log=_Reporter(job.topic) if rank == 0 else None)

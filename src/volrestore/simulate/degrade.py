@@ -63,6 +63,21 @@ class Degradation:
         half = [s // 2 for s in psf.shape]
         return tuple([0] * (ndim - len(half)) + half)
 
+    def level(self, counter: tuple[int, ...] = ()) -> tuple[float, float]:
+        """(photons, read noise) that the call with this counter draws (its fixed values when not ranges)."""
+        return self._draw_level(self._rng(counter))
+
+    def _rng(self, counter) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *(int(c) & 0xFFFFFFFF for c in counter)])
+
+    def _draw_level(self, rng) -> tuple[float, float]:
+        photons, read = self.photons, self.read
+        if self.photons_max is not None:
+            photons = float(np.exp(rng.uniform(np.log(self.photons), np.log(self.photons_max))))
+        if self.read_max is not None:
+            read = float(rng.uniform(self.read, self.read_max))
+        return photons, read
+
     def __call__(self, x: np.ndarray, counter: tuple[int, ...] = (), ref: float | None = None,
                  psf: np.ndarray | None = None) -> np.ndarray:
         """Degrade clean `x` (float, intensity units, last two axes y, x); returns float32 in the same units/shape."""
@@ -81,12 +96,8 @@ class Degradation:
             pad = [(0, 0)] * (x.ndim - 2) + [(0, -s % d) for s in x.shape[-2:]]
             x = np.pad(x, pad, mode="reflect")
             x = x.reshape(*x.shape[:-2], x.shape[-2] // d, d, x.shape[-1] // d, d).mean(axis=(-3, -1))
-        rng = np.random.default_rng([self.seed, *(int(c) & 0xFFFFFFFF for c in counter)])
-        photons, read = self.photons, self.read
-        if self.photons_max is not None:
-            photons = float(np.exp(rng.uniform(np.log(self.photons), np.log(self.photons_max))))
-        if self.read_max is not None:
-            read = float(rng.uniform(self.read, self.read_max))
+        rng = self._rng(counter)
+        photons, read = self._draw_level(rng)
         scale = photons / max(ref, 1e-12)
         counts = rng.poisson(np.clip(x, 0, None) * scale) + rng.normal(0.0, read, x.shape)
         y = counts / scale
