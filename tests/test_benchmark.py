@@ -71,3 +71,26 @@ def test_benchmark_defaults_measure_the_default_model_on_its_default_tile():
     # Exactly one tile of the model's real default shape, covering the volume with its full overlap as context.
     assert [AxisGrid(n, t, overlap).count for n, t in zip(size[-len(tile):], tile)] == [1] * len(tile)
     assert [AxisGrid(n + 1, t, overlap).count for n, t in zip(size[-len(tile):], tile)] == [2] * len(tile)
+
+
+def test_auto_write_blocks_keep_their_accumulators_within_the_budget(tmp_path, monkeypatch):
+    """A 2D model's 512² tiles on 128-slice z chunks: 4 tile strides (2048² x 128) would hold 4 GiB of float64 per
+    block; the default gives up whole chunks on the overlapping axes until it fits (2 GiB), and fewer with --std.
+    Results do not depend on blocks (tests/test_batching.py), only memory and recompute do."""
+    from volrestore.blockwise import plan as planning
+    from volrestore.io import ngff
+
+    image = tmp_path / "big.ome.zarr"
+    ngff.create_image(image, shape=[128, 4096, 4096], dtype="uint16", axes="zyx", scale=[1, 1, 1],
+                      chunks=[128, 256, 256])  # metadata only: nothing is read to plan
+    budget = planning.BLOCK_BUDGET_BYTES
+    blocks = {}
+    for outputs, opts in ((1, {}), (2, {"samples": 2, "std": True})):
+        plan, spec = planning.plan(image, model="randcnn:dims=2", tile=[512, 512], overlap=32, **opts)
+        assert len(spec.outputs) == outputs
+        blocks[outputs] = plan.block
+        assert plan.block[0] == 128 and all(b % 256 == 0 for b in plan.block[1:])
+        assert math.prod(plan.block) * 8 * outputs <= budget < math.prod(plan.block) * 8 * outputs * 1.3
+    assert blocks[1] == (128, 1280, 1536) and math.prod(blocks[2]) < math.prod(blocks[1])
+    monkeypatch.setattr(planning, "BLOCK_BUDGET_BYTES", 1 << 40)
+    assert planning.plan(image, model="randcnn:dims=2", tile=[512, 512], overlap=32)[0].block == (128, 2048, 2048)

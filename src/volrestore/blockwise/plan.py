@@ -24,6 +24,11 @@ from volrestore.model.restorer import RestorerSpec
 # strides (64³ tiles: 384³ blocks, ≈ 0.45 GB of float64 accumulator; recompute 1.30 measured, 1.65-1.85 at 4);
 # 2D/2.5D tiles keep 4 (512² tiles: 1920² per z chunk, already large).
 BLOCK_TARGET_STRIDES = {1: 4, 2: 4, 3: 8}
+# ... unless that block's float64 accumulators (one per output: mean, std) would exceed this: then its overlapping
+# axes give up whole chunks, the longest first (more recompute, less memory; --block overrides). A 2.5D model on
+# 64-slice z chunks holds 2048² x 64 x 8 bytes = 2 GiB per block task (recompute 1.36), which stays; with --std (4 GiB)
+# or 128-slice chunks it shrinks to 1280 x 1536 (recompute 1.70 on an 8192² plane), as a worker runs 2 tasks at a time.
+BLOCK_BUDGET_BYTES = 2 << 30
 
 
 
@@ -88,7 +93,7 @@ def prepare(config: RestoreConfig) -> Prepared:
     spatial = [a for a in axes if a in "zyx"]
     sp_idx = [axes.index(a) for a in spatial]
     grid, tiles, overlap = _tile_grid(config, spec, spatial, [lvl.shape[i] for i in sp_idx])
-    chunks_all, shards, blk = _chunks_and_block(config, info, grid, spatial, sp_idx)
+    chunks_all, shards, blk = _chunks_and_block(config, info, grid, spatial, sp_idx, len(spec.outputs))
     mask_plan = _mask_plan(config.mask, info, config.level, spatial, sp_idx) if config.mask is not None else None
     read_dtype, precision = input_precision(lvl.dtype, spec)
     batch = effective_batch(config.batch, grid)
@@ -186,9 +191,10 @@ def _tile_grid(config: RestoreConfig, spec: RestorerSpec, spatial: list[str], sp
     return Grid.build(sp_shape, tiles, overlaps, multiples, contexts), tiles, overlap
 
 
-def _chunks_and_block(config: RestoreConfig, info: ngff.ImageInfo, grid: Grid, spatial, sp_idx):
+def _chunks_and_block(config: RestoreConfig, info: ngff.ImageInfo, grid: Grid, spatial, sp_idx, n_outputs: int = 1):
     """(output chunks, output shards or None, write-block), each over all axes. Write-blocks are whole chunks
-    (shards), so no two tasks ever write the same chunk; by default they span BLOCK_TARGET_STRIDES tile strides."""
+    (shards), so no two tasks ever write the same chunk; by default they span BLOCK_TARGET_STRIDES tile strides,
+    within BLOCK_BUDGET_BYTES of accumulators (`n_outputs` of them)."""
     lvl = info.levels[config.level]
     chunks_all = list(lvl.chunks)
     if config.chunks is not None:
@@ -207,6 +213,13 @@ def _chunks_and_block(config: RestoreConfig, info: ngff.ImageInfo, grid: Grid, s
             if ax.overlap:  # along axes without overlap tiles never straddle blocks: keep one unit
                 target = min(lvl.shape[i], strides * ax.stride)
                 blk[i] = max(1, -(-target // unit[i])) * unit[i]
+        overlapping = [i for d, i in enumerate(sp_idx) if grid.axes[d].overlap]
+        while math.prod(blk) * 8 * n_outputs > BLOCK_BUDGET_BYTES:
+            shrinkable = [i for i in overlapping if blk[i] > unit[i]]
+            if not shrinkable:
+                break  # one chunk per overlapping axis: the chunks themselves are that big
+            longest = max(shrinkable, key=lambda i: (blk[i], -i))
+            blk[longest] -= unit[longest]
         return chunks_all, shards, blk
     if len(config.block) != len(spatial) or any(b < 1 or b % unit[i] for b, i in zip(config.block, sp_idx)):
         raise UserError(f"--block needs {len(spatial)} sizes that are multiples of the output "
