@@ -205,6 +205,16 @@ def reference_intensity(clean: np.ndarray) -> float:
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
 
+def reference_noise(truth: np.ndarray) -> tuple[float, float]:
+    """(photons of the reference's own shot noise at its 99.9th percentile, the PSNR its noise-free signal would
+    score against it): a real "clean" crop is an acquisition, and no restoration that removes noise can score above
+    that ceiling (its expected MSE is the reference's noise variance, from metrics.shot_noise_fit per voxel)."""
+    gain, intercept = metrics.shot_noise_fit(truth)
+    variance = np.clip(gain * ndimage.uniform_filter(truth, (1, 3, 3)) + intercept, 0, None).mean()
+    _, scale = metrics.normalisation(truth)
+    return metrics.shot_noise_photons(truth), metrics.psnr_from_mse(float(variance) / scale**2)
+
+
 def score(pred: np.ndarray, truth: np.ndarray) -> dict:
     out = {"psnr": metrics.psnr(pred, truth)}
     if min(truth.shape) >= 2 * metrics.SSIM_MARGIN + 1:
@@ -545,9 +555,9 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
     for rows in tables.values():
         rows.sort(key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
     # The reference's own shot noise (inf for noiseless phantoms): a restoration is scored against it, noise and all.
-    own = metrics.shot_noise_photons(truth) if name != "phantom" else math.inf
+    own, ceiling = reference_noise(truth) if name != "phantom" else (math.inf, math.inf)
     return {"dir": str(vol["dir"]), "shape": list(truth.shape), "reference_intensity": ref,
-            "reference_photons": own, "tables": tables,
+            "reference_photons": own, "reference_ceiling_psnr": ceiling, "tables": tables,
             "truth": str(vol["eval"]), "ssim_kind": "3D" if min(truth.shape) >= 11 else "2D mean over z"}
 
 
@@ -564,7 +574,8 @@ def markdown(results: dict) -> str:
             own = r.get("reference_photons", math.inf)
             ref_note = "" if math.isinf(own) else (
                 f"; the reference itself ≈ {own:.0f} photons, so the input has ≈ {1 / (1 / float(p) + 1 / own):.1f} "
-                f"photons of noise on the reference's signal")
+                f"photons of noise on the reference's signal, and that signal would score "
+                f"{r.get('reference_ceiling_psnr', math.nan):.1f} dB")
             lines += [f"### {name} — {p} photons (crop {'×'.join(map(str, r['shape']))}, SSIM {r['ssim_kind']}"
                       f"{ref_note})", "",
                       "| method | PSNR dB | SSIM | time s | calibration | note |",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 
@@ -259,23 +261,33 @@ def mean_variance(signal, residual, bins: int = 16) -> tuple[np.ndarray, np.ndar
 def shot_noise_photons(image, q: float = 99.9, at: float | None = None, bins: int = 16) -> float:
     """An image's noise level as photons: the noise variance at its q-th percentile intensity (or at intensity `at`)
     divided by the squared gain, i.e. the photons a pure shot-noise image would have there (read noise adds its
-    variance in photons²). From the straight line of noise variance against intensity (Poisson: variance = gain x
-    (intensity - offset) + gain² x read²). `image`: an array, or a list of arrays (e.g. sampled chunks) in one fit.
+    variance in photons²), from `shot_noise_fit`. `image`: an array, or a list of arrays (e.g. sampled chunks) in one
+    fit. Measured on quality.py's crops: within ~30 % at 3-30 photons on real volumes; sharp synthetic structure reads
+    as noise (a noiseless phantom: ~100 photons), correlated noise as fewer. A "clean" reference that is itself an
+    acquisition (an 8-bit confocal stack: ~56) carries its own noise; degrading it to P photons measures something
+    only when P is well below that. NaN when there is too little to fit, inf when no noise rises with intensity."""
+    parts = image if isinstance(image, (list, tuple)) else [image]
+    gain, intercept = shot_noise_fit(parts, bins)
+    if not gain > 0:
+        return float("nan") if math.isnan(gain) else float("inf")
+    level = np.percentile(np.concatenate([np.asarray(p, np.float64).ravel() for p in parts]), q) if at is None else at
+    return float((gain * level + intercept) / gain**2)
+
+
+def shot_noise_fit(image, bins: int = 16) -> tuple[float, float]:
+    """(gain, intercept) of the straight line noise variance = gain x intensity + intercept (Poisson-Gaussian: gain =
+    intensity units per photon, intercept = gain² x read² - gain x offset); NaNs when there is too little to fit.
 
     Per voxel (in-plane, last two axes): noise h = x - mean(4 lateral neighbours) (variance 1.25 v for white noise);
     voxels are binned by the mean of the 20 others of their 5 x 5 square, which shares no noise with h, and each bin's
     intensity is the mean of the 5 voxels h uses, which shares no noise with the binning, so neither biases the slope
     at low photon counts (binning by a mean that includes the voxel flattens it: 15 photons read at 3). Variance per
-    bin by MAD, so edges count little. Measured on quality.py's crops: within ~30 % at 3-30 photons on real volumes;
-    sharp synthetic structure reads as noise (a noiseless phantom: ~100 photons), correlated noise as fewer. A "clean"
-    reference that is itself an acquisition (an 8-bit confocal stack: ~56) carries its own noise; degrading it to P
-    photons measures something only when P is well below that. NaN when there is too little to fit."""
+    bin by MAD, so edges count little."""
     parts = image if isinstance(image, (list, tuple)) else [image]
-    ring, cross, high, values = [], [], [], []
+    ring, cross, high = [], [], []
     for part in parts:
         x = np.asarray(part, np.float64)
         x = x.reshape(-1, *x.shape[-2:]) if x.ndim >= 2 else x.reshape(1, 1, -1)
-        values.append(x.ravel())
         if min(x.shape[-2:]) < 5:
             continue
         centre = x[:, 2:-2, 2:-2]
@@ -285,7 +297,7 @@ def shot_noise_photons(image, q: float = 99.9, at: float | None = None, bins: in
         ring.append(((square - centre - neighbours) / 20).ravel())
         cross.append(((centre + neighbours) / 5).ravel())
     if not high:
-        return float("nan")
+        return float("nan"), float("nan")
     s, c, h = np.concatenate(ring), np.concatenate(cross), np.concatenate(high)
     edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
     which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, max(len(edges) - 2, 0))
@@ -296,9 +308,6 @@ def shot_noise_photons(image, q: float = 99.9, at: float | None = None, bins: in
             means.append(c[which == i].mean())
             variances.append((1.4826 * np.median(np.abs(hi - np.median(hi)))) ** 2)
     if len(means) < 3:
-        return float("nan")
+        return float("nan"), float("nan")
     gain, intercept = np.polyfit(means, variances, 1)
-    if gain <= 0:
-        return float("inf")  # no shot noise to see
-    level = np.percentile(np.concatenate(values), q) if at is None else at
-    return float((gain * level + intercept) / gain**2)
+    return float(gain), float(intercept)
