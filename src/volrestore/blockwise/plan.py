@@ -87,7 +87,7 @@ def prepare(config: RestoreConfig) -> Prepared:
     """Validate a RestoreConfig against its input and model and build the Plan; nothing is written."""
     info = ngff.read_info(config.input)
     ngff.check_level(info, config.level)
-    spec = _resolve_model(config)
+    spec, noise_fit = _resolve_model(config)
     lvl = info.levels[config.level]
     axes = tuple(info.axis_names)
     spatial = [a for a in axes if a in "zyx"]
@@ -108,6 +108,9 @@ def prepare(config: RestoreConfig) -> Prepared:
         dtype="float32" if config.dtype == "float32" else lvl.dtype, fill_nan=config.nan == "fill", mask=mask_plan,
         read_dtype=read_dtype, progress_group=progress_group_for(lvl.shape, blk),
     )
+    if noise_fit is not None:  # a one-pass model's share of the input, chosen on this image (recorded)
+        spec = _with_blend(config, spec, plan, noise_fit)
+        resolved = resolved.model_copy(update={"model": ModelRef(name=spec.name, options=dict(spec.options))})
     return Prepared(plan, spec, info, resolved, chunks_all, shards, precision)
 
 
@@ -149,23 +152,40 @@ def input_precision(dtype: str, spec: RestorerSpec) -> tuple[str, str | None]:
                        "tiles")
 
 
-def _resolve_model(config: RestoreConfig) -> RestorerSpec:
+def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, float] | None]:
+    """The restorer spec with what it measures on the image filled in (intensity range for --normalise image, noise
+    level for a noise-conditioned model), and the image's noise fit (gain, intercept: metrics.shot_noise_fit) when
+    the model's blend share is still to be chosen (blockwise.sure), else None."""
     spec = registry.resolve(config.model)
     options = dict(spec.options)
     wants_range = options.get("normalise") == "image" and options.get("input_range") is None
     wants_photons = "photons" in options and options["photons"] is None  # a model conditioned on the noise level
-    if wants_range or wants_photons:
-        # The model adapts to this image's intensities (and noise): measure them once, record them (provenance,
-        # --resume compares them).
-        stats = _input_range(config.input, config.level, photons=wants_photons)
-        measured = {"normalise": "image", "input_range": stats[:2]} if wants_range else {}
-        if wants_photons:
-            if not stats[2] > 0 or math.isinf(stats[2]):
-                raise UserError(f"cannot measure the noise level of {config.input} (no shot noise seen): give it "
-                                "with --photons N (photons at its bright intensity)")
-            measured["photons"] = round(stats[2], 3)
+    wants_fit = "blend" in options and options["blend"] is None
+    if not (wants_range or wants_photons or wants_fit):
+        return spec, None
+    # The model adapts to this image's intensities (and noise): measure them once, record them (provenance, --resume
+    # compares them).
+    background, bright, gain, intercept = _input_range(config.input, config.level, noise=True)
+    measured = {"normalise": "image", "input_range": (background, bright)} if wants_range else {}
+    if wants_photons:
+        photons = (gain * bright + intercept) / gain**2 if gain > 0 else math.nan
+        if not photons > 0 or math.isinf(photons):
+            raise UserError(f"cannot measure the noise level of {config.input} (no shot noise seen): give it "
+                            "with --photons N (photons at its bright intensity)")
+        measured["photons"] = round(photons, 3)
+    if measured:
         spec = registry.resolve(config.model.with_options(**measured))
-    return spec
+    return spec, ((gain, intercept) if wants_fit else None)
+
+
+def _with_blend(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
+    """The spec with its blend share chosen by SURE on sampled tiles (blockwise.sure), run here on the client."""
+    from volrestore.blockwise import sure
+
+    options = {k: v for k, v in spec.options if k in ("normalise", "input_range", "photons")}
+    base = config.model.with_options(**options)
+    share = sure.blend_share(plan, registry.resolve(base.with_options(blend=0.0)), fit, config.seed)
+    return registry.resolve(base.with_options(blend=share))
 
 
 def _tile_grid(config: RestoreConfig, spec: RestorerSpec, spatial: list[str], sp_shape: list[int]):
@@ -234,10 +254,10 @@ RANGE_SAMPLE_VOXELS = 32_000_000
 RANGE_SAMPLE_SEED = 20261202
 
 
-def _input_range(path, level, max_voxels=None, photons: bool = False) -> tuple[float, ...]:
+def _input_range(path, level, max_voxels=None, noise: bool = False) -> tuple[float, ...]:
     """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
-    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; with `photons`, a third value: the photons its
-    shot noise puts at the bright intensity (evaluation.metrics.shot_noise_photons, on the same voxels). Reading is
+    in-plane smoothing (σ = 1 voxel) so noise does not inflate it; with `noise`, also (gain, intercept) of its noise
+    variance against intensity (evaluation.metrics.shot_noise_fit, on the same voxels). Reading is
     bounded by max_voxels (default RANGE_SAMPLE_VOXELS): all planes when they fit, else a fixed seeded sample of
     chunks (each read with a 4-voxel in-plane margin so its smoothing matches the whole plane's), so a petabyte
     volume costs the same as a gigabyte."""
@@ -260,10 +280,10 @@ def _input_range(path, level, max_voxels=None, photons: bool = False) -> tuple[f
     bright = float(np.percentile(np.concatenate(smooth), 99.9))
     if not bright > background:
         raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
-    if photons:
-        from volrestore.evaluation.metrics import shot_noise_photons
+    if noise:
+        from volrestore.evaluation.metrics import shot_noise_fit
 
-        return background, bright, shot_noise_photons(raw, at=bright)
+        return (background, bright, *shot_noise_fit(raw))
     return background, bright
 
 

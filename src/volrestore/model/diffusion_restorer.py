@@ -24,6 +24,9 @@ OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalis
 # Only for a model conditioned on the noise level (checkpoint "condition": "photons"): photons at the image's bright
 # (normalisation) intensity, given by the user or measured by the engine (blockwise.plan); blind models record none.
 PHOTONS = "photons"
+# Only for one-pass (regression) models: the share of the input added back to the restoration, f + blend (y - f),
+# chosen by the engine with SURE on sampled tiles unless given (blockwise.sure); recorded in provenance.
+BLEND = "blend"
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
@@ -109,7 +112,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     a worker refuses a file that changed in between, and provenance names the exact model."""
     options = {k: v for k, v in ref.options.items() if v is not None}
     name = shipped_name(ref.name, options)
-    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS) - {PHOTONS})
+    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS) - {PHOTONS, BLEND})
     if unknown:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
@@ -128,6 +131,10 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         opts[PHOTONS] = _photons(options.get(PHOTONS))
     elif options.get(PHOTONS) is not None:
         raise UserError(f"model {name} is blind to the noise level (it finds it in the image): drop --photons")
+    if ck["objective"] == "regression":
+        opts[BLEND] = _blend(options.get(BLEND))
+    elif options.get(BLEND) not in (None, 0, 0.0, "0", "off"):
+        raise UserError(f"--blend is for one-pass (regression) models; model {name} samples a diffusion model")
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
@@ -158,6 +165,20 @@ def _photons(value) -> float | None:
     if not photons > 0 or math.isinf(photons):
         raise UserError(f"--photons must be a positive number (photons at the image's bright intensity), got {value!r}")
     return photons
+
+
+def _blend(value) -> float | None:
+    if value is None or value == "auto":
+        return None  # the engine chooses it (blockwise.sure)
+    if value == "off":
+        return 0.0
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"--blend must be auto, off or a share of the input between 0 and 1, got {value!r}")
+    return share
 
 
 def _tta_transforms(count, spatial_dims: int, z_context: int) -> list:
@@ -200,7 +221,7 @@ class DiffusionRestorer:
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
                  normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1,
-                 photons: float | None = None):
+                 photons: float | None = None, blend: float | None = None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -229,6 +250,9 @@ class DiffusionRestorer:
             self.offset = lo - self.gain * t_lo
         if ck.get("condition", "none") == "photons" and photons is None:
             raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
+        if self.objective == "regression" and blend is None:
+            raise ValueError("a regression model needs its blend share (the engine measures it; 0 for none)")
+        self.blend = float(blend or 0.0)
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
@@ -303,7 +327,11 @@ class DiffusionRestorer:
             x = dfn.sample(self.denoiser, cond, self.schedule, noise_fn, self.sampler, self.steps)
         runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64)) * self.gain + self.offset
         runs = runs.reshape(n, k, *spatial)
-        mean = runs.mean(axis=1).astype(np.float32)
+        mean = runs.mean(axis=1)
+        if self.blend:  # f + blend (y - f), y the tile's own input voxels (a 2.5D tile's centre slice)
+            own = np.asarray(tiles, np.float64)[:, c] if c else np.asarray(tiles, np.float64).reshape(mean.shape)
+            mean = mean + self.blend * (own - mean)
+        mean = mean.astype(np.float32)
         if "std" in self.outputs:
             std = runs.std(axis=1, ddof=1).astype(np.float32)
         return {"mean": mean, "std": std} if "std" in self.outputs else {"mean": mean}
