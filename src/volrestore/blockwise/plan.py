@@ -154,8 +154,9 @@ def input_precision(dtype: str, spec: RestorerSpec) -> tuple[str, str | None]:
 
 def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, float] | None]:
     """The restorer spec with what it measures on the image filled in (intensity range for --normalise image, noise
-    level for a noise-conditioned model), and the image's noise fit (gain, intercept: metrics.shot_noise_fit) when
-    the model's blend share is still to be chosen (blockwise.sure), else None."""
+    level for a noise-conditioned model), and the image's noise fit (gain, intercept: metrics.shot_noise_fit, and the
+    photons at its bright intensity) when the model's blend weights are still to be chosen (blockwise.sure), else
+    None."""
     spec = registry.resolve(config.model)
     options = dict(spec.options)
     wants_range = options.get("normalise") == "image" and options.get("input_range") is None
@@ -175,17 +176,20 @@ def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, fl
         measured["photons"] = round(photons, 3)
     if measured:
         spec = registry.resolve(config.model.with_options(**measured))
-    return spec, ((gain, intercept) if wants_fit else None)
+    photons_at_bright = (gain * bright + intercept) / gain**2 if gain > 0 else math.nan
+    return spec, ((gain, intercept, photons_at_bright) if wants_fit else None)
 
 
 def _with_blend(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
-    """The spec with its blend share chosen by SURE on sampled tiles (blockwise.sure), run here on the client."""
+    """The spec with its blend weights chosen by SURE on sampled tiles (blockwise.sure), run here on the client."""
     from volrestore.blockwise import sure
 
     options = {k: v for k, v in spec.options if k in ("normalise", "input_range", "photons")}
     base = config.model.with_options(**options)
-    share = sure.blend_share(plan, registry.resolve(base.with_options(blend=0.0)), fit, config.seed)
-    return registry.resolve(base.with_options(blend=share))
+    gain, intercept, photons = fit
+    weights = sure.blend_weights(plan, registry.resolve(base.with_options(blend="off")), (gain, intercept), photons,
+                                 config.seed)
+    return registry.resolve(base.with_options(blend=list(weights)))
 
 
 def _tile_grid(config: RestoreConfig, spec: RestorerSpec, spatial: list[str], sp_shape: list[int]):

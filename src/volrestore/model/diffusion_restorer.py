@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from volrestore.model import diffusion as dfn
+from volrestore.model.blend import N_WEIGHTS, blend
 from volrestore.model import nets
 from volrestore.model import noise
 from volrestore.errors import UserError
@@ -24,8 +25,8 @@ OPTIONS = {"samples": 1, "sampler": None, "steps": None, "std": False, "normalis
 # Only for a model conditioned on the noise level (checkpoint "condition": "photons"): photons at the image's bright
 # (normalisation) intensity, given by the user or measured by the engine (blockwise.plan); blind models record none.
 PHOTONS = "photons"
-# Only for one-pass (regression) models: the share of the input added back to the restoration, f + blend (y - f),
-# chosen by the engine with SURE on sampled tiles unless given (blockwise.sure); recorded in provenance.
+# Only for one-pass (regression) models: the weights of the input and its smoothed copies added to the restoration
+# (model.blend), chosen by the engine with SURE on sampled tiles unless given (blockwise.sure); recorded.
 BLEND = "blend"
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
@@ -133,7 +134,8 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         raise UserError(f"model {name} is blind to the noise level (it finds it in the image): drop --photons")
     if ck["objective"] == "regression":
         opts[BLEND] = _blend(options.get(BLEND))
-    elif options.get(BLEND) not in (None, 0, 0.0, "0", "off"):
+    elif options.get(BLEND) not in (None, 0, 0.0, "0", "off") and not (
+            isinstance(options.get(BLEND), (list, tuple)) and not any(options[BLEND])):
         raise UserError(f"--blend is for one-pass (regression) models; model {name} samples a diffusion model")
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
@@ -167,18 +169,25 @@ def _photons(value) -> float | None:
     return photons
 
 
-def _blend(value) -> float | None:
+def _blend(value) -> tuple[float, ...] | None:
+    """--blend as the model.blend weights: None (auto: the engine chooses them), off, a share of the input in
+    [0, 1], or all N_WEIGHTS weights (as recorded)."""
     if value is None or value == "auto":
-        return None  # the engine chooses it (blockwise.sure)
+        return None
     if value == "off":
-        return 0.0
+        return (0.0,) * N_WEIGHTS
+    if isinstance(value, (list, tuple)):
+        weights = tuple(float(v) for v in value)
+        if len(weights) == N_WEIGHTS and all(math.isfinite(v) for v in weights):
+            return weights
+        raise UserError(f"blend weights must be {N_WEIGHTS} finite numbers, got {value!r}")
     try:
         share = float(value)
     except (TypeError, ValueError):
         share = float("nan")
     if not 0.0 <= share <= 1.0:
         raise UserError(f"--blend must be auto, off or a share of the input between 0 and 1, got {value!r}")
-    return share
+    return (share,) + (0.0,) * (N_WEIGHTS - 1)
 
 
 def _tta_transforms(count, spatial_dims: int, z_context: int) -> list:
@@ -221,7 +230,7 @@ class DiffusionRestorer:
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
                  normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1,
-                 photons: float | None = None, blend: float | None = None):
+                 photons: float | None = None, blend=None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -252,7 +261,7 @@ class DiffusionRestorer:
             raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
         if self.objective == "regression" and blend is None:
             raise ValueError("a regression model needs its blend share (the engine measures it; 0 for none)")
-        self.blend = float(blend or 0.0)
+        self.blend = tuple(float(w) for w in blend) if blend is not None else (0.0,) * N_WEIGHTS
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
@@ -328,9 +337,9 @@ class DiffusionRestorer:
         runs = self.norm.unit_to_target(x[:, 0].float().cpu().numpy().astype(np.float64)) * self.gain + self.offset
         runs = runs.reshape(n, k, *spatial)
         mean = runs.mean(axis=1)
-        if self.blend:  # f + blend (y - f), y the tile's own input voxels (a 2.5D tile's centre slice)
+        if any(self.blend):  # with the tile's own input voxels (a 2.5D tile's centre slice): model.blend
             own = np.asarray(tiles, np.float64)[:, c] if c else np.asarray(tiles, np.float64).reshape(mean.shape)
-            mean = mean + self.blend * (own - mean)
+            mean = blend(mean, own, self.blend)
         mean = mean.astype(np.float32)
         if "std" in self.outputs:
             std = runs.std(axis=1, ddof=1).astype(np.float32)
