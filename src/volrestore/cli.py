@@ -225,7 +225,7 @@ def _print_info(info):
 @click.option("--blend", default=None, metavar="auto|off|SHARE",
               help="Model option (one-pass regression models, e.g. the shipped default): auto (default) blends the "
                    "restoration with the input and two smoothed inputs, weights chosen on this image by SURE "
-                   "(Stein's unbiased risk estimate) on two sampled tiles and recorded; off: the network's output; "
+                   "(Stein's unbiased risk estimate) on two sampled 256² regions and recorded; off: the network's output; "
                    "SHARE: f + SHARE (input - f).")
 @click.option("--photons", type=float, default=None,
               help="Model option (models conditioned on the noise level, e.g. the shipped default): photons at the "

@@ -1,15 +1,21 @@
-"""SURE-chosen output blend of one-pass models (model.blend): its weights, from sampled tiles of the image at plan time."""
+"""SURE-chosen output blend of one-pass models (model.blend): its weights, from sampled regions of the image."""
 
 from __future__ import annotations
 
 import numpy as np
 import zarr
 
+from volrestore.blockwise.grid import AxisGrid, Grid, fitted_tile
 from volrestore.model.blend import BLEND_SIGMAS, N_WEIGHTS, centre_tap, smoothed
 from volrestore.model.restorer import restorer_for
 
-# Tiles sampled for the estimate (spread over the grid's tile order); each costs 2 restorer evaluations.
-SURE_TILES = 2
+# Regions sampled for the estimate: cut on a grid of their own (REGION voxels per axis the model tiles, no overlap,
+# spread over its order), never on the run's tiles, so the weights do not depend on --tile, --overlap or --batch
+# (the net's output does not either: no statistics over space). Each costs 2 restorer evaluations; voxels within
+# MARGIN of a region's edge inside the volume (the net's zero padding) do not count.
+SURE_REGIONS = 2
+REGION = {"lateral": 256, "z": 32}
+MARGIN = 16
 SURE_SEED = 20261206
 # The weights come from SURE, which assumes Gaussian noise: below LET_MIN_PHOTONS at the bright end the Poisson
 # counts are too few for it and only the input's weight is fitted (measured: the full fit lost 0.1-0.4 dB at 3 photons
@@ -25,24 +31,24 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     |y - f - sum w_j R_j|² - sum v + 2 sum v d(out)/dy is quadratic: M w = r - c with M_jk = <R_j, R_k>, r_j =
     <y - f, R_j>, c_j = tap_j V - D (V = sum v, D = sum v df/dy by one perturbed evaluation, eps b with b ~ N(0, 1),
     tap_j the candidate's own divergence). Below LET_MIN_PHOTONS only the input's weight is fitted, in [0, 1]. Sums
-    run over the inner voxels (blend weight 1, inside the volume) of SURE_TILES tiles; deterministic given input,
-    model and seed; rounded to 3 decimals as recorded."""
+    run over the inner voxels of SURE_REGIONS sampled regions (independent of the run's tiles); deterministic given
+    input, model and seed; rounded to 3 decimals as recorded."""
     gain, intercept = noise_fit
     zero = (0.0,) * N_WEIGHTS
     if not (np.isfinite(gain) and gain > 0):
         return zero  # no shot noise measured: nothing to calibrate against
     restorer = restorer_for(spec)
-    grid = plan.grid
+    grid = _region_grid(plan.grid, restorer.size_multiple)
     src = zarr.open_group(plan.input, mode="r")[plan.input_array]
     spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
     fixed = {d: src.shape[d] // 2 for d, a in enumerate(plan.axes) if a not in "zyx"}  # the middle time point etc.
     n = grid.n_tiles
-    picks = sorted({min(n - 1, (i + 1) * n // (SURE_TILES + 1)) for i in range(SURE_TILES)})
+    picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
     k = N_WEIGHTS
     m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(2)  # M, r, (V, D)
     for flat in picks:
-        tm, tr, tvd = _tile_sums(plan, restorer, src, spatial, fixed, np.unravel_index(flat, grid.counts), gain,
-                                 intercept, np.random.default_rng([SURE_SEED, seed, flat]), seed)
+        tm, tr, tvd = _region_sums(plan, grid, restorer, src, spatial, fixed, np.unravel_index(flat, grid.counts),
+                                   gain, intercept, np.random.default_rng([SURE_SEED, seed, flat]), seed)
         m, r, vd = m + tm, r + tr, vd + tvd
     v, d = vd
     if m[0, 0] <= 0:
@@ -54,10 +60,23 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     return tuple(round(float(x), 3) for x in w) if np.all(np.isfinite(w)) else zero
 
 
-def _tile_sums(plan, restorer, src, spatial, fixed, k, gain, intercept, rng, seed):
-    """(M, r, (V, D)) of one tile: its input read with its context (reflected as the block tasks read it), restored
-    as is and perturbed in the same call."""
-    grid = plan.grid
+def _region_grid(grid, multiple: int):
+    """The sampling regions' grid: REGION voxels (rounded down to the net's size multiple) along the axes the run
+    tiles, 1 along an axis it does not (a 2D model's z, whose context slices come along), no overlap."""
+    axes = []
+    for d, ax in enumerate(grid.axes):
+        if ax.tile == 1:
+            axes.append(AxisGrid(ax.size, 1, 0, ax.context))
+            continue
+        want = REGION["z"] if d == 0 and len(grid.axes) == 3 else REGION["lateral"]
+        want = max(multiple, want // multiple * multiple)
+        axes.append(AxisGrid(ax.size, fitted_tile(ax.size, want, 0, multiple), 0, ax.context))
+    return Grid(tuple(axes))
+
+
+def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed):
+    """(M, r, (V, D)) of one region: its input read with its context (reflected as the block tasks read it),
+    restored as is and perturbed in the same call."""
     ranges = [range(int(kk), int(kk) + 1) for kk in k]
     read = [ax.read_range(rr) for ax, rr in zip(grid.axes, ranges)]
     it = iter(read)
@@ -73,14 +92,18 @@ def _tile_sums(plan, restorer, src, spatial, fixed, k, gain, intercept, rng, see
     origins = [tuple(ax.start(int(kk)) for ax, kk in zip(grid.axes, k))] * 2
     out = restorer(data[:, 0] if squeeze and not restorer.z_context else data, origins, seed)["mean"]
     f, f2 = (np.asarray(o, np.float64).reshape(grid.tile_shape) for o in out)
-    # The tile's own voxels (a 2.5D tile's context slices stripped), and where each counts: blend weight 1 (no
-    # neighbour shares it) and inside the volume (not a reflected copy).
+    # The region's own voxels (a 2.5D region's context slices stripped), and where each counts: inside the volume
+    # (not a reflected copy) and away from an edge that cuts the volume.
     own = tuple(slice(ax.context, ax.context + ax.tile) for ax in grid.axes)
     y, bc, v = (a[index][own] for a in (region, b, variance))
     inner = np.ones(grid.tile_shape, bool)
     for d, (ax, kk) in enumerate(zip(grid.axes, k)):
-        pos = ax.start(int(kk)) + np.arange(ax.tile)
-        ok = (ax.weights(int(kk)) == 1.0) & (pos >= 0) & (pos < ax.size)
+        start = ax.start(int(kk))
+        pos = start + np.arange(ax.tile)
+        ok = (pos >= 0) & (pos < ax.size)
+        if ax.tile > 1:
+            ok &= (pos >= start + MARGIN) | (start <= 0)
+            ok &= (pos < start + ax.tile - MARGIN) | (start + ax.tile >= ax.size)
         inner &= ok.reshape([-1 if e == d else 1 for e in range(len(grid.axes))])
     residuals = [y - f] + [smoothed(y[None], s)[0] - f for s in BLEND_SIGMAS]
     rr = [x[inner] for x in residuals]

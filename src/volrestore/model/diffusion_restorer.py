@@ -259,8 +259,7 @@ class DiffusionRestorer:
             self.offset = lo - self.gain * t_lo
         if ck.get("condition", "none") == "photons" and photons is None:
             raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
-        if self.objective == "regression" and blend is None:
-            raise ValueError("a regression model needs its blend share (the engine measures it; 0 for none)")
+        # None here (a library caller) blends nothing; the engine always passes the weights it chose (blockwise.sure)
         self.blend = tuple(float(w) for w in blend) if blend is not None else (0.0,) * N_WEIGHTS
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
