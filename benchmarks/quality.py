@@ -212,7 +212,8 @@ def reference_noise(truth: np.ndarray) -> tuple[float, float]:
     gain, intercept = metrics.shot_noise_fit(truth)
     variance = np.clip(gain * ndimage.uniform_filter(truth, (1, 3, 3)) + intercept, 0, None).mean()
     _, scale = metrics.normalisation(truth)
-    return metrics.shot_noise_photons(truth), metrics.psnr_from_mse(float(variance) / scale**2)
+    return (metrics.photons_at(gain, intercept, float(np.percentile(truth, 99.9))),
+            metrics.psnr_from_mse(float(variance) / scale**2))
 
 
 def score(pred: np.ndarray, truth: np.ndarray) -> dict:

@@ -15,6 +15,7 @@ from volrestore.blockwise.blocks import PROGRESS_DIR, progress_group_for
 from volrestore.errors import UserError
 from volrestore.io import ngff
 from volrestore.config import RESULT_FIELDS, ModelRef, RestoreConfig, resolved_path
+from volrestore.evaluation.metrics import photons_at, shot_noise_fit
 from volrestore.model import registry
 from volrestore.model.restorer import RestorerSpec
 
@@ -166,18 +167,18 @@ def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, fl
         return spec, None
     # The model adapts to this image's intensities (and noise): measure them once, record them (provenance, --resume
     # compares them).
-    background, bright, gain, intercept = _input_range(config.input, config.level, noise=True)
+    # The noise fit costs a pass over the sampled voxels: only for a model that uses it.
+    background, bright, *fit = _input_range(config.input, config.level, noise=wants_photons or wants_fit)
     measured = {"normalise": "image", "input_range": (background, bright)} if wants_range else {}
+    photons = photons_at(*fit, bright) if fit else math.nan
     if wants_photons:
-        photons = (gain * bright + intercept) / gain**2 if gain > 0 else math.nan
         if not photons > 0 or math.isinf(photons):
             raise UserError(f"cannot measure the noise level of {config.input} (no shot noise seen): give it "
                             "with --photons N (photons at its bright intensity)")
         measured["photons"] = round(photons, 3)
     if measured:
         spec = registry.resolve(config.model.with_options(**measured))
-    photons_at_bright = (gain * bright + intercept) / gain**2 if gain > 0 else math.nan
-    return spec, ((gain, intercept, photons_at_bright) if wants_fit else None)
+    return spec, ((*fit, photons) if wants_fit else None)
 
 
 def _with_blend(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
@@ -285,8 +286,6 @@ def _input_range(path, level, max_voxels=None, noise: bool = False) -> tuple[flo
     if not bright > background:
         raise UserError(f"{path} has no bright structure above its background to normalise by; check the input")
     if noise:
-        from volrestore.evaluation.metrics import shot_noise_fit
-
         return (background, bright, *shot_noise_fit(raw))
     return background, bright
 

@@ -269,8 +269,16 @@ def shot_noise_photons(image, q: float = 99.9, at: float | None = None, bins: in
     parts = image if isinstance(image, (list, tuple)) else [image]
     gain, intercept = shot_noise_fit(parts, bins)
     if not gain > 0:
-        return float("nan") if math.isnan(gain) else float("inf")
+        return photons_at(gain, intercept, math.nan)
     level = np.percentile(np.concatenate([np.asarray(p, np.float64).ravel() for p in parts]), q) if at is None else at
+    return photons_at(gain, intercept, level)
+
+
+def photons_at(gain: float, intercept: float, level: float) -> float:
+    """Photons the noise fit (`shot_noise_fit`) puts at intensity `level`: variance there / gain² (read noise counts
+    as its variance in photons²). NaN for a failed fit, inf when no noise rises with intensity."""
+    if not gain > 0:
+        return float("nan") if math.isnan(gain) else float("inf")
     return float((gain * level + intercept) / gain**2)
 
 

@@ -372,14 +372,14 @@ def _run_rank(job: Job, rank: int, rendezvous: str | None) -> dict | None:
         sampler = sampler_for(job.data)
         per = sampler.batch // job.world
         val = sampler.validation(VAL_PATCHES) if rank == 0 and job.data.val_fraction > 0 else None
-        if job.config.condition == "photons":  # each patch's degradation level goes with it
-            val = val and (*val, sampler.photons(0, 0, VAL_PATCHES, val=True))
+        lo, hi = rank * per, (rank + 1) * per
+        conditioned = job.config.condition == "photons"  # each patch's degradation level goes with it
+        if conditioned and val:
+            val = (*val, sampler.photons(0, 0, VAL_PATCHES, val=True))
 
-            def batches(it):
-                return (*sampler(it, rank * per, (rank + 1) * per), sampler.photons(it, rank * per, (rank + 1) * per))
-        else:
-            def batches(it):
-                return sampler(it, rank * per, (rank + 1) * per)
+        def batches(it):
+            pair = sampler(it, lo, hi)
+            return (*pair, sampler.photons(it, lo, hi)) if conditioned else pair
         ck = train(batches, job.partial, job.config,
                    Normalisation.from_dict(job.normalisation), provenance=job.provenance,
                    resume=job.resume or False, val=val, device=job.device,
