@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from volrestore.blockwise.blocks import PROGRESS_DIR, iter_blocks, n_blocks
+from volrestore.blockwise.spill import SPILL_DIR
 from volrestore.blockwise.lock import OutputLock, refuse_if_locked
 from volrestore.config import RESULT_FIELDS, RestoreConfig
 from volrestore.errors import UserError
@@ -99,12 +100,13 @@ class RunOutputs:
                             "(was its progress folder changed by another process?); rerun with --resume")
 
     def complete(self, summary: dict) -> None:
-        """Mark the targets complete (std first, primary last), swap staged outputs in, drop the progress records."""
+        """Mark the targets complete (std first, primary last), swap staged outputs in, drop the progress records and spill files."""
         for path in self.targets[1:] + self.targets[:1]:
             ngff.set_complete(path, True, extra={"summary": summary})
         if self.staged:
             self._swap_in()
-        shutil.rmtree(os.path.join(self.final[0], PROGRESS_DIR), ignore_errors=True)
+        for folder in (PROGRESS_DIR, SPILL_DIR):
+            shutil.rmtree(os.path.join(self.final[0], folder), ignore_errors=True)
 
     def _under_lock(self, step) -> None:
         try:

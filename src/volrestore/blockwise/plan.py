@@ -20,15 +20,17 @@ from volrestore.model import registry
 from volrestore.model.restorer import RestorerSpec
 
 
-# Auto write-blocks span this many tile strides per overlapping axis, by how many axes overlap: a tile straddling a
-# block border is computed by both blocks, a factor ~((n+1)/n) per axis. 3D tiles overlap on 3 axes, so they get 8
-# strides (64³ tiles: 384³ blocks, ≈ 0.45 GB of float64 accumulator; recompute 1.30 measured, 1.65-1.85 at 4);
-# 2D/2.5D tiles keep 4 (512² tiles: 1920² per z chunk, already large).
+# Auto write-blocks span this many tile strides per overlapping axis, by how many axes overlap. Each tile is computed
+# once whatever the blocks (blockwise.spill: its owner sends the parts reaching into other blocks); until 2026-12-06 a
+# tile straddling a block border was computed by every block it touched, ~((n+1)/n) per axis: 1.30 for 3D at 8
+# strides (64³ tiles: 384³ blocks, ≈ 0.45 GB of float64 accumulator), 1.36 for 2.5D at 4. Bigger blocks still mean
+# fewer parts written and read (their share falls as 1/n per axis) and fewer tasks; 2D/2.5D tiles keep 4 (512² tiles:
+# 1792² per z chunk, already large).
 BLOCK_TARGET_STRIDES = {1: 4, 2: 4, 3: 8}
 # ... unless that block's float64 accumulators (one per output: mean, std) would exceed this: then its overlapping
-# axes give up whole chunks, the longest first (more recompute, less memory; --block overrides). A 2.5D model on
-# 64-slice z chunks holds 2048² x 64 x 8 bytes = 2 GiB per block task (recompute 1.36), which stays; with --std (4 GiB)
-# or 128-slice chunks it shrinks to 1280 x 1536 (recompute 1.70 on an 8192² plane), as a worker runs 2 tasks at a time.
+# axes give up whole chunks, the longest first (smaller tasks, more parts passed; --block overrides). A 2.5D model on
+# 64-slice z chunks holds 2048² x 64 x 8 bytes = 2 GiB per block task, which stays; with --std (4 GiB) or 128-slice
+# chunks it shrinks to 1280 x 1536, as a worker runs 2 tasks at a time.
 BLOCK_BUDGET_BYTES = 2 << 30
 
 

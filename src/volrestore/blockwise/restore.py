@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from volrestore.blockwise import spill
 from volrestore.blockwise.blocks import (block_box, block_group, count_done, done_in_group, group_indices, group_size,
                                          iter_blocks, iter_groups, n_blocks)
 from volrestore.blockwise.outputs import RunOutputs, input_fingerprints, std_path
@@ -19,7 +20,7 @@ from volrestore.config import ModelRef, RestoreConfig
 from volrestore.errors import UserError
 from volrestore.io import ngff, pyramid
 from volrestore.model import memory
-from volrestore.model.restorer import BuildRestorer, RestorerSpec
+from volrestore.model.restorer import BuildRestorer, RestorerSpec, restorer_for
 
 # Block tasks per GPU worker at a time: each holds 1/BLOCKS_PER_GPU of the worker's GPU resource. While one block's
 # tiles are on the GPU (only one model call per GPU at a time, see _compute_slot) the other task reads and decompresses
@@ -35,7 +36,8 @@ def restore(input, output, model="default", level=0, tile=None, overlap=None, ba
 
     Everything is validated before anything is written. `model` is a name with options ("gaussian:sigma=2"), a
     checkpoint path or "default"; `model_options` are more of its options (samples, steps, std, ...; None = not
-    given). `cluster` is "local", "cuda", "tcp://host:port", a jobqueue YAML or a Client; `tile`, `chunks` and `block`
+    given). `cluster` is "local", "cuda", "tcp://host:port", a jobqueue YAML, a Client or None (block tasks in
+    threads of this process); `tile`, `chunks` and `block`
     are spatial sizes (z, y, x present) of the tiles, the output chunks and the write-blocks.
     """
     config = RestoreConfig.validated(
@@ -112,23 +114,30 @@ def _restore_blocks(client, plan: Plan, spec: RestorerSpec, *, resumed: bool, pr
     skipped = count_done(plan) if resumed else 0
     if resumed:
         echo(skipped, total)
-    counts = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch}
+    counts = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch, "tiles": 0}
 
     def tally(index, result):
-        for key in ("restored", "empty", "voxels", "compute_s"):
+        for key in ("restored", "empty", "voxels", "compute_s", "tiles"):
             counts[key] += result[key]
         counts["batch"] = min(counts["batch"], result["batch"])
 
     t0 = time.perf_counter()
-    gpu = (task_resources(client) or {}).get("GPU")
-    run_blockwise(client, restore_group, iter_groups(plan, skip_done=resumed), args=(plan, spec), on_result=tally,
+    gpu = (task_resources(client) or {}).get("GPU") if client is not None else None
+    # One block per task: owners first (blockwise.spill), so each tile is computed once. Groups of a huge plan run
+    # in C order: a group's blocks are consecutive along x (their parts pass within the task) and their lower y / z
+    # neighbours ran rows earlier; a part not there yet is computed again, never missed.
+    ordered = group_size(plan) == 1
+    groups = spill.wave_order(plan, skip_done=resumed) if ordered else iter_groups(plan, skip_done=resumed)
+    run_blockwise(client, restore_group, groups, args=(plan, spec), on_result=tally,
                   progress=progress, what="restoring", total=-(-(total - skipped) // group_size(plan)),
                   resources={"GPU": gpu / BLOCKS_PER_GPU} if gpu else None, key_prefix=f"restore-{plan.run}",
-                  voxels=lambda _, result: result["voxels"])
+                  voxels=lambda _, result: result["voxels"],
+                  after=(lambda index: spill.prerequisites(plan, index)) if ordered else None)
     seconds = time.perf_counter() - t0
     return {"blocks": total, "skipped": skipped, "restored": counts["restored"], "empty": counts["empty"],
             "seconds": round(seconds, 3), "voxels_per_s": counts["voxels"] / seconds if seconds > 0 else 0.0,
-            "batch": counts["batch"], "compute_s": round(counts["compute_s"], 3)}
+            "batch": counts["batch"], "compute_s": round(counts["compute_s"], 3), "tiles": counts["tiles"],
+            "tile_recompute_factor": round(counts["tiles"] / plan.grid.n_tiles, 4) if not skipped else None}
 
 
 def restore_group(plan: Plan, spec: RestorerSpec, first) -> dict:
@@ -136,7 +145,7 @@ def restore_group(plan: Plan, spec: RestorerSpec, first) -> dict:
     in order (one block unless the plan is huge, see blocks.group_size); their counts, voxels and settled batch."""
     group = block_group(plan, first)
     done = done_in_group(plan, group) if group_size(plan) > 1 else set()
-    result = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch}
+    result = {"restored": 0, "empty": 0, "voxels": 0, "compute_s": 0.0, "batch": plan.batch, "tiles": 0}
     for index in group_indices(plan, group):
         if index in done:
             continue
@@ -145,6 +154,7 @@ def restore_group(plan: Plan, spec: RestorerSpec, first) -> dict:
         if status == "restored":
             result["voxels"] += voxels
             result["compute_s"] += stats["compute_s"]
+            result["tiles"] += stats["tiles"]
             result["batch"] = min(result["batch"], stats["batch"])
     return result
 
@@ -157,7 +167,10 @@ def _with_output_arrays(plan, spec, outputs: RunOutputs):
 
 def _build_on_workers(client, spec):
     try:
-        client.register_plugin(BuildRestorer(spec))
+        if client is None:  # no cluster: block tasks are threads of this process, which builds the model once
+            restorer_for(spec)
+        else:
+            client.register_plugin(BuildRestorer(spec))
     except Exception as exc:
         raise UserError(f"model {spec.name} could not be built on the workers: {type(exc).__name__}: {exc}") from None
 
@@ -170,8 +183,9 @@ def _check_memory(client, prepared: Prepared) -> None:
     if getattr(spec.restorer, "forward_bytes", None) is None:  # no network to measure: no round trip to a worker
         return
     tile = plan.grid.tile_shape
-    res = task_resources(client)
-    measured = client.submit(memory.probe, spec, tile, pure=False, resources=res).result()
+    res = task_resources(client) if client is not None else None
+    measured = (memory.probe(spec, tile) if client is None else
+                client.submit(memory.probe, spec, tile, pure=False, resources=res).result())
     gib = 2.0**30
     one_tile, per_call = memory.call_bytes(measured, tile), memory.call_bytes(measured, tile, plan.batch)
     where = f"{measured['device']} ({measured['capacity'] / gib:.1f} GiB usable per call)"

@@ -24,18 +24,21 @@ LOG_DIR_ENV = "VOLRESTORE_LOG_DIR"  # where failure logs go (default: the system
 
 
 def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, progress=True, what="processing",
-                  total=None, window=None, resources=None, key_prefix=None, voxels=None, log=None) -> int:
+                  total=None, window=None, resources=None, key_prefix=None, voxels=None, log=None,
+                  after=None) -> int:
     """Run `fn(*args, block)` once for every block of `blocks` that is not done yet; return how many ran.
 
-    - `blocks` (Blocks, or index tuples) is consumed lazily: at most `window` tasks are in flight (default: default_window of the
-      client's threads) and the next block is taken only as one ends, so a huge grid never becomes a
-      huge graph or list. Blocks with `is_done(block)` true are skipped (they count as done on the bar).
+    - `blocks` (Blocks, or index tuples) is consumed lazily: at most `window` tasks in flight (default_window of the
+      client's threads), the next block taken only as one ends: a huge grid never becomes a huge graph or list.
+      Blocks with `is_done(block)` true are skipped (they count as done on the bar).
     - A task that raises is submitted again, up to TASK_RETRIES more times (counted here, so the error says how many
       tries were made; a UserError is not retried, and a task whose worker died was already retried by the
       scheduler up to its allowed-failures). Then the tasks in flight are cancelled and a one-line UserError names
       the block, the file when the error names one, the cause with advice (memory, disk full, permissions), the
       tries, and the log file `log` (default `failure_log_path(key_prefix)`) that holds every failed try's traceback.
       Dask workers (and a scheduler in this process) do not also print those failures on the console.
+    - `after(block)`: blocks that must end before `block` starts (_Feed holds it); they must come first in `blocks`
+      (blockwise.spill.wave_order), so only the tasks in flight are checked and nothing grows with the plan.
     - `on_result(block, result)` is called here, in this thread, as each task ends: in completion order, not block
       order, so a caller that needs a fixed order (float sums) keeps results by block index and combines them after.
     - `client=None` runs the tasks in a thread pool of this process (fn and args need not pickle); with a Client they
@@ -52,37 +55,60 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
         total = len(blocks)
     if voxels is None:
         voxels = (lambda block, _: block.size if isinstance(block, Block) else 0)
-    blocks = iter(blocks)
     pending, ran = {}, 0
     with _Bar(progress, what, total) as bar, _diverted_logs(prefix, failures):
-        def fill(n):  # submit up to n more blocks that are not done (in one call); skipped ones only advance the bar
-            batch = []
-            while len(batch) < n and (block := next(blocks, None)) is not None:
-                if is_done is not None and is_done(block):
-                    bar.advance(0)
-                    continue
-                batch.append(block)
+        feed = _Feed(blocks, is_done, after, bar)
+
+        def fill(n):  # submit up to n more blocks that are not done (in one call)
+            batch = feed.take(n, pending)
             for future, block in zip(pool.submit_many(fn, args, batch), batch):
                 pending[future] = (block, 1)
+            return batch
 
         try:
-            fill(window)
-            while pending:
-                freed = 0
+            while fill(window - len(pending)) or pending:  # (a held block goes once what it waits for has ended)
                 for fut, result, exc in pool.outcomes(pool.wait(list(pending))):
                     block, tries = pending.pop(fut)
                     if exc is not None:  # retried (same slot) or raised
                         failures.record(block, tries, exc)
                         pending[pool.submit(fn, args, block, tries + 1)] = (block, tries + 1)
                         continue
-                    ran, freed = ran + 1, freed + 1
+                    ran += 1
                     if on_result is not None:
                         on_result(block, result)
                     bar.advance(voxels(block, result))
-                fill(freed)
         finally:
             pool.close(list(pending))  # after an error: cancel what is still in flight
     return ran
+
+
+class _Feed:
+    """The blocks still to submit, taken lazily: done ones only advance the bar; with `after`, the next block is held
+    (and nothing behind it taken) while a block it comes after is in flight or in the batch being formed."""
+
+    def __init__(self, blocks, is_done, after, bar):
+        self.blocks, self.is_done, self.after, self.bar = iter(blocks), is_done, after, bar
+        self.held = []
+
+    def take(self, n: int, pending: dict) -> list:
+        """Up to n blocks to submit now."""
+        batch = []
+        while len(batch) < n and (block := self.held.pop() if self.held else next(self.blocks, None)) is not None:
+            if self.is_done is not None and self.is_done(block):
+                self.bar.advance(0)
+                continue
+            if self.after is not None and self._waits(block, pending, batch):
+                self.held.append(block)
+                break
+            batch.append(block)
+        return batch
+
+    def _waits(self, block, pending, batch) -> bool:
+        needed = {tuple(block_label(b)) for b in self.after(block)}
+        if not needed:
+            return False
+        flight = [b for b, _ in pending.values()] + batch
+        return any(tuple(block_label(b)) in needed for b in flight)
 
 
 def default_window(threads: int) -> int:

@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import zarr
 
+from volrestore.blockwise import spill
 from volrestore.blockwise.blocks import block_box, mark_done
 from volrestore.io import ngff
 from volrestore.io.storage import cast_rounded
@@ -39,10 +40,14 @@ def finite_block(plan, index):
 def restore_block(plan, spec, index):
     """Read the input this block's tiles need, restore them in batches, blend, write whole chunks, mark done.
 
+    Each tile is computed once per plan (blockwise.spill): this block computes the tiles it owns and any touching
+    tile whose part no other block sent it, blends those and the received parts in the fixed global tile order,
+    sends the parts of its own tiles that reach into other blocks, then marks itself done.
     Tiles are `plan.read_dtype` (blockwise.plan.input_precision): float32, or float64 for inputs float32 cannot
     hold (32/64-bit integers, float64) if the restorer `takes_float64` (identity: `--dtype input` then round-trips
     them bit-exactly); float32-only restorers get float32, recorded in provenance. Blending is float64 either way.
-    Returns (status, voxels, {"batch": tiles per restorer call it settled on, "compute_s": seconds in the model}).
+    Returns (status, voxels, {"batch": tiles per restorer call it settled on, "compute_s": seconds in the model,
+    "tiles": tiles computed}).
     """
     box = block_box(plan, index)
     spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
@@ -51,52 +56,105 @@ def restore_block(plan, spec, index):
     n_vox = math.prod(b - a for a, b in box)
     if plan.mask is not None and not _has_foreground(plan, lo, hi):
         mark_done(plan, index)  # the outputs' fill value (0) stands for the skipped region
+        spill.drop(plan, index)
         return "empty", n_vox, None
 
-    restorer = restorer_for(spec)
     grid = plan.grid
-    tile_ranges = grid.tiles_touching(lo, hi)
-    read = [ax.read_range(r) for ax, r in zip(grid.axes, tile_ranges)]
-    src = open_array(plan.run, plan.input, plan.input_array, "r")
     outs = {name: open_array(plan.run, path, arr, "r+") for name, path, arr in plan.outputs}
     norm = grid.weight_sum(lo, hi)
-    squeeze = restorer.spatial_dims < len(spatial)  # 2D restorer on a 3D volume: tiles are (1, Y, X) slices
-    batch = min(plan.batch, _SETTLED_BATCH.get(plan.run, plan.batch))  # never retry a size that ran out here
-    compute_s = 0.0
-
+    sent = spill.received(plan, index)
+    tiles = _BlockTiles(plan, restorer_for(spec), index)
+    spills: dict = {}
     for fixed in itertools.product(*(range(*box[d]) for d in other)):  # each time point / channel separately
-        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, read))], dtype=np.dtype(plan.read_dtype))
-        if plan.fill_nan:
-            region = np.nan_to_num(region, nan=0.0, posinf=0.0, neginf=0.0)
+        touching = list(itertools.product(*grid.tiles_touching(lo, hi)))
+        tiles.start(fixed, [t for t in touching if (fixed, t) not in sent or spill.owns(plan, index, t)])
         acc = {name: np.zeros([b - a for a, b in zip(lo, hi)]) for name in outs}
         # Tiles in the fixed global order, so each voxel's float64 sum is the same whichever block computes it.
-        tiles = itertools.product(*tile_ranges)
-        while group := list(itertools.islice(tiles, batch)):
-            data = np.stack([region[np.ix_(*(ax.tile_index(k, r[0]) for ax, k, r in zip(grid.axes, t, read)))]
-                             for t in group])
-            origins = [(*fixed, *(ax.start(k) for ax, k in zip(grid.axes, t))) for t in group]
-            # Always call with exactly `batch` tiles (pad by repeating the last): a tile's result then never
-            # depends on how many tiles its block has, which keeps outputs bitwise across output chunkings.
-            pad = batch - len(group)
-            data = np.concatenate([data, np.repeat(data[-1:], pad, axis=0)]) if pad else data
-            origins = origins + [origins[-1]] * pad
-            squeezed = data[:, 0] if squeeze and not restorer.z_context else data  # 2.5D: keep the z context
-            result, seconds = _restore_batch(restorer, squeezed, origins, plan.seed, index, batch)
-            compute_s += seconds
-            if result is None:  # GPU out of memory: redo this group with half the batch, and keep that size
-                batch //= 2
-                _SETTLED_BATCH[plan.run] = min(batch, _SETTLED_BATCH.get(plan.run, batch))
-                tiles = itertools.chain(group, tiles)
-                continue
+        for t in touching:
+            part = sent.pop((fixed, t), None)
+            if part is None or spill.owns(plan, index, t):
+                result = tiles.result(t)
+                part = {name: result[name][_overlap(grid, t, lo, hi)[1]] for name in outs}
+                if spill.owns(plan, index, t):
+                    _cut_spills(plan, index, fixed, t, result, spills)
+            where_acc, where_tile = _overlap(grid, t, lo, hi)
+            weights = grid.weights(t)[where_tile]
             for name in outs:
-                res = result[name].reshape(len(data), *grid.tile_shape)
-                for j, t in enumerate(group):
-                    _accumulate(acc[name], res[j], grid, t, lo, hi)
+                acc[name][where_acc] += weights * part[name]
         where = _selection(plan, fixed, other, ((d, box[d]) for d in spatial))
         _write_outputs(plan, outs, acc, norm, where)
+    spill.send(plan, index, spills)  # before the mark: a block recorded done has sent its parts
     mark_done(plan, index)
-    return "restored", n_vox, {"batch": batch, "compute_s": compute_s}
+    spill.drop(plan, index)
+    return "restored", n_vox, {"batch": tiles.batch, "compute_s": tiles.compute_s, "tiles": tiles.computed}
 
+
+class _BlockTiles:
+    """The tiles one block computes, in batches of exactly the plan's --batch in global order, produced as the blend
+    asks for them (at most one batch of results held); a GPU out-of-memory halves the batch and redoes the group."""
+
+    def __init__(self, plan, restorer, index):
+        self.plan, self.restorer, self.index = plan, restorer, index
+        self.batch = min(plan.batch, _SETTLED_BATCH.get(plan.run, plan.batch))  # never retry a size that ran out here
+        self.compute_s, self.computed = 0.0, 0
+        self.squeeze = restorer.spatial_dims < len(plan.grid.axes)  # 2D restorer on a 3D volume: (1, Y, X) tiles
+
+    def start(self, fixed, tiles: list) -> None:
+        """Read the input the tiles of time point / channel `fixed` need (only theirs) and queue them."""
+        self.fixed, self.queue, self.ready = fixed, iter(tiles), {}
+        if not tiles:
+            return
+        grid, plan = self.plan.grid, self.plan
+        self.read = [ax.read_range(range(min(t[d] for t in tiles), max(t[d] for t in tiles) + 1))
+                     for d, ax in enumerate(grid.axes)]
+        spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
+        other = [d for d, a in enumerate(plan.axes) if a not in "zyx"]
+        src = open_array(plan.run, plan.input, plan.input_array, "r")
+        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, self.read))],
+                            dtype=np.dtype(plan.read_dtype))
+        self.region = np.nan_to_num(region, nan=0.0, posinf=0.0, neginf=0.0) if plan.fill_nan else region
+
+    def result(self, tile) -> dict:
+        """{output name: the tile's restored array} (computing the next batches until it is there)."""
+        while tile not in self.ready:
+            self._next_batch()
+        return self.ready.pop(tile)
+
+    def _next_batch(self) -> None:
+        grid, batch = self.plan.grid, self.batch
+        group = list(itertools.islice(self.queue, batch))
+        if not group:
+            raise RuntimeError("a tile was asked for that this block does not compute")
+        data = np.stack([self.region[np.ix_(*(ax.tile_index(k, r[0]) for ax, k, r in zip(grid.axes, t, self.read)))]
+                         for t in group])
+        origins = [(*self.fixed, *(ax.start(k) for ax, k in zip(grid.axes, t))) for t in group]
+        # Always call with exactly `batch` tiles (pad by repeating the last): a tile's result then never depends on
+        # how many tiles its block has, which keeps outputs bitwise across output chunkings.
+        pad = batch - len(group)
+        data = np.concatenate([data, np.repeat(data[-1:], pad, axis=0)]) if pad else data
+        origins = origins + [origins[-1]] * pad
+        squeezed = data[:, 0] if self.squeeze and not self.restorer.z_context else data  # 2.5D: keep the z context
+        result, seconds = _restore_batch(self.restorer, squeezed, origins, self.plan.seed, self.index, batch)
+        self.compute_s += seconds
+        if result is None:  # GPU out of memory: redo this group with half the batch, and keep that size
+            self.batch //= 2
+            _SETTLED_BATCH[self.plan.run] = min(self.batch, _SETTLED_BATCH.get(self.plan.run, self.batch))
+            self.queue = itertools.chain(group, self.queue)
+            return
+        self.computed += len(group)
+        for j, t in enumerate(group):
+            self.ready[t] = {name: result[name].reshape(len(data), *grid.tile_shape)[j] for name in result}
+
+
+def _cut_spills(plan, index, fixed, tile, result, spills) -> None:
+    """Add the parts of an owned tile that lie in other blocks to `spills` ({consumer: {(fixed, tile): parts}})."""
+    spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
+    names = [name for name, _, _ in plan.outputs]
+    for consumer in spill.consumers(plan, index, tile):
+        box = block_box(plan, consumer)
+        where_tile = _overlap(plan.grid, tile, [box[d][0] for d in spatial], [box[d][1] for d in spatial])[1]
+        spills.setdefault(consumer, {})[(fixed, tile)] = {name: np.ascontiguousarray(result[name][where_tile])
+                                                         for name in names}
 
 
 def _write_outputs(plan, outs: dict, acc: dict, norm, where) -> None:
@@ -183,15 +241,14 @@ def _selection(plan, fixed, other, spatial_ranges):
 
 
 
-def _accumulate(acc, tile_out, grid, k, lo, hi):
-    """acc[block ∩ tile] += weight * tile output (float64)."""
+def _overlap(grid, k, lo, hi):
+    """(slices into the block's box [lo, hi), slices into tile k) of their intersection (a tile that touches the
+    box: tiles_touching)."""
     starts = [ax.start(kk) for ax, kk in zip(grid.axes, k)]
     a = [max(l, s) for l, s in zip(lo, starts)]
     b = [min(h, s + ax.tile) for h, s, ax in zip(hi, starts, grid.axes)]
-    if any(x >= y for x, y in zip(a, b)):
-        return
-    tsl = tuple(slice(x - s, y - s) for x, y, s in zip(a, b, starts))
-    acc[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] += grid.weights(k)[tsl] * tile_out[tsl]
+    return (tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo)),
+            tuple(slice(x - s, y - s) for x, y, s in zip(a, b, starts)))
 
 
 

@@ -4,6 +4,7 @@ plugin that builds it once per worker process."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,15 +81,23 @@ class BuildRestorer(WorkerPlugin):
         return {"spec": self.spec, "name": self.name, "restorer": None}
 
 
+_LOCAL_RESTORER: dict = {}
+_LOCAL_LOCK = threading.Lock()
+
+
 def restorer_for(spec: RestorerSpec) -> Restorer:
-    """The restorer this worker built for `spec` (BuildRestorer), or a new one outside a worker or without the
-    plugin."""
+    """The restorer this worker built for `spec` (BuildRestorer); outside a worker (a run without a cluster, whose
+    block tasks are threads of this process) the one this process built last for the same spec; else a new one."""
     from distributed import get_worker
 
     try:
         plugin = get_worker().plugins.get(spec.plugin_name)
     except ValueError:  # not inside a Dask worker
-        plugin = None
+        with _LOCAL_LOCK:
+            if spec.plugin_name not in _LOCAL_RESTORER:
+                _LOCAL_RESTORER.clear()  # one model at a time: a process restoring with another spec drops the old
+                _LOCAL_RESTORER[spec.plugin_name] = spec.build()
+            return _LOCAL_RESTORER[spec.plugin_name]
     if plugin is None:
         return spec.build()
     if plugin.restorer is None:
