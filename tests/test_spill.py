@@ -106,3 +106,15 @@ def test_a_slice_wise_model_links_only_the_lateral_axes(image):
     assert spill.prerequisites(plan, (2, 0, 0)) == [] and spill.prerequisites(plan, (2, 1, 1)) == [
         (2, 0, 0), (2, 0, 1), (2, 1, 0)]
     assert [i for i in spill.wave_order(plan)][:3] == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+
+
+@pytest.mark.parametrize("model, tile", [("randcnn", [8, 16, 16]), ("randcnn:dims=2", [16, 16])])
+def test_time_points_and_slice_wise_models_pass_parts_per_time_point(tmp_path, model, tile):
+    data = np.random.default_rng(5).random((3, 12, 40, 36), dtype=np.float32)
+    src = tmp_path / "t.ome.zarr"
+    write_image(src, data, axes="tzyx", chunks=(1, 4, 8, 8), n_levels=1)
+    kw = dict(model=model, tile=tile, overlap=4, progress=False, cluster=None)
+    one = restore(src, tmp_path / "one.ome.zarr", block=[12, 40, 36], chunks=[12, 40, 36], **kw)
+    many = restore(src, tmp_path / "many.ome.zarr", block=[4, 16, 16], chunks=[4, 8, 8], **kw)
+    assert many["blocks"] == 3 * 3 * 3 * 3 and many["tiles"] == one["tiles"]
+    assert read(tmp_path / "one.ome.zarr").tobytes() == read(tmp_path / "many.ome.zarr").tobytes()
