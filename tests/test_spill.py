@@ -65,6 +65,22 @@ def test_the_runner_starts_a_block_only_after_what_it_comes_after_has_ended():
             assert times[p][1] <= times[block][0], (p, block)
 
 
+def test_a_held_block_does_not_stall_the_ready_blocks_behind_it():
+    times, lock = {}, threading.Lock()
+
+    def task(block):
+        start = time.perf_counter()
+        time.sleep(0.4 if block == "a" else 0.01)
+        with lock:
+            times[block] = (start, time.perf_counter())
+        return 0
+
+    after = {"a": [], "b": ["a"], "c": [], "d": []}
+    assert run_blockwise(None, task, iter("abcd"), progress=False, window=4, after=lambda b: after[b]) == 4
+    assert times["b"][0] >= times["a"][1]  # b waited for a
+    assert times["c"][1] < times["a"][1] and times["d"][1] < times["a"][1]  # c and d did not wait behind b
+
+
 def test_each_tile_is_computed_once_and_the_output_equals_one_block_bitwise(image, tmp_path):
     one = restore(image, tmp_path / "one.ome.zarr", cluster=None, block=[20, 40, 36], chunks=[20, 40, 36], **KW)
     many = restore(image, tmp_path / "many.ome.zarr", cluster=None, block=[8, 16, 16], chunks=[4, 8, 8], **KW)

@@ -37,8 +37,8 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
       the block, the file when the error names one, the cause with advice (memory, disk full, permissions), the
       tries, and the log file `log` (default `failure_log_path(key_prefix)`) that holds every failed try's traceback.
       Dask workers (and a scheduler in this process) do not also print those failures on the console.
-    - `after(block)`: blocks that must end before `block` starts (_Feed holds it); they must come first in `blocks`
-      (blockwise.spill.wave_order), so only the tasks in flight are checked and nothing grows with the plan.
+    - `after(block)`: blocks that must end before `block` starts (_Feed holds it, ready ones behind it go first);
+      they must come first in `blocks` (spill.wave_order): only blocks in flight or held are checked, nothing grows.
     - `on_result(block, result)` is called here, in this thread, as each task ends: in completion order, not block
       order, so a caller that needs a fixed order (float sums) keeps results by block index and combines them after.
     - `client=None` runs the tasks in a thread pool of this process (fn and args need not pickle); with a Client they
@@ -57,7 +57,7 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
         voxels = (lambda block, _: block.size if isinstance(block, Block) else 0)
     pending, ran = {}, 0
     with _Bar(progress, what, total) as bar, _diverted_logs(prefix, failures):
-        feed = _Feed(blocks, is_done, after, bar)
+        feed = _Feed(blocks, is_done, after, bar, lookahead=window)
 
         def fill(n):  # submit up to n more blocks that are not done (in one call)
             batch = feed.take(n, pending)
@@ -83,32 +83,42 @@ def run_blockwise(client, fn, blocks, *, args=(), is_done=None, on_result=None, 
 
 
 class _Feed:
-    """The blocks still to submit, taken lazily: done ones only advance the bar; with `after`, the next block is held
-    (and nothing behind it taken) while a block it comes after is in flight or in the batch being formed."""
+    """The blocks still to submit, taken lazily: done ones only advance the bar. With `after`, a block that must wait
+    for a block in flight (or held, or in the batch being formed) is held, and blocks behind it that are ready go
+    first: up to `lookahead` held blocks, so a block's wait never stalls the whole window (dataflow, not waves)."""
 
-    def __init__(self, blocks, is_done, after, bar):
+    def __init__(self, blocks, is_done, after, bar, lookahead: int):
         self.blocks, self.is_done, self.after, self.bar = iter(blocks), is_done, after, bar
-        self.held = []
+        self.held, self.lookahead = [], lookahead
 
     def take(self, n: int, pending: dict) -> list:
-        """Up to n blocks to submit now."""
-        batch = []
-        while len(batch) < n and (block := self.held.pop() if self.held else next(self.blocks, None)) is not None:
-            if self.is_done is not None and self.is_done(block):
-                self.bar.advance(0)
-                continue
-            if self.after is not None and self._waits(block, pending, batch):
-                self.held.append(block)
-                break
-            batch.append(block)
+        """Up to n blocks to submit now (held ones first, in their order)."""
+        if self.after is None:
+            return [b for b in (self._next() for _ in range(n)) if b is not None]
+        batch, unresolved, held = [], {_label(b) for b, _ in pending.values()}, []
+        for block in self.held:
+            (batch if len(batch) < n and not self._waits(block, unresolved) else held).append(block)
+            unresolved.add(_label(block))
+        self.held = held
+        while len(batch) < n and len(self.held) < self.lookahead and (block := self._next()) is not None:
+            (self.held if self._waits(block, unresolved) else batch).append(block)
+            unresolved.add(_label(block))
         return batch
 
-    def _waits(self, block, pending, batch) -> bool:
-        needed = {tuple(block_label(b)) for b in self.after(block)}
-        if not needed:
-            return False
-        flight = [b for b, _ in pending.values()] + batch
-        return any(tuple(block_label(b)) in needed for b in flight)
+    def _next(self):
+        """The next block of `blocks` not already done (None at the end)."""
+        while (block := next(self.blocks, None)) is not None:
+            if self.is_done is None or not self.is_done(block):
+                return block
+            self.bar.advance(0)
+        return None
+
+    def _waits(self, block, unresolved: set) -> bool:
+        return any(_label(b) in unresolved for b in self.after(block))
+
+
+def _label(block) -> tuple:
+    return tuple(block_label(block))
 
 
 def default_window(threads: int) -> int:
