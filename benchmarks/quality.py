@@ -386,7 +386,9 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
         spec = TRAIN_DEGRADE if RANGE_OK else FALLBACK_DEGRADE
         patch = patch_for(vol, args)
         label = objective or "preset"
-        out = vol["dir"] / f"model-{label}-{key(args.preset, objective, args.iterations, patch, spec, CODE_KEY)}.pt"
+        parts = (args.preset, objective, args.iterations, patch, spec, CODE_KEY) + (
+            (args.condition,) if args.condition != "none" else ())  # keys of blind models stay as they were
+        out = vol["dir"] / f"model-{label}-{key(*parts)}.pt"
         meta = out.with_suffix(".json")
         if out.exists() and meta.exists():
             return out, json.loads(meta.read_text())
@@ -395,6 +397,8 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
                "--overwrite", "--cluster", args.cluster]
         if objective:
             cmd += ["--objective", objective]
+        if args.condition != "none" and objective == "regression":
+            cmd += ["--condition", args.condition]  # restore measures the level on each noisy input
         # --val-fraction 0: the evaluation crop is a separate, disjoint region; a held-out y band of the training
         # part would have to be a whole patch tall and would take most of these small volumes.
         rc, text, wall = sh(cmd, log=out.with_suffix(".log"), check=False)
@@ -709,6 +713,8 @@ def main() -> None:
                     help="CARE's network: 3D where the volume allows [default], 2D (what a 2-core CPU affords)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--cluster", default="local", help="volrestore train/restore --cluster (cuda on a GPU machine)")
+    ap.add_argument("--condition", default="none", choices=("none", "photons"),
+                    help="our regression told each patch's noise level in training, measured on the image at restore")
     args = ap.parse_args()
     args.photons = [float(p) for p in (args.photons or (QUICK_PHOTONS if args.quick else "3,10,30")).split(",")]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -735,7 +741,7 @@ def main() -> None:
     results["seconds"] = time.perf_counter() - t0
     shown = figure(results, args.out / "quality.png", kmax)
     report = (f"# Quality benchmark\n\nPreset {args.preset}, {args.iterations} iterations, training degradation "
-              f"{results['train_degrade']}; eval: poisson photons {args.photons} read {READ}. CARE: CAREamics "
+              f"{results['train_degrade']}{'' if args.condition == 'none' else f' (regression told the level: {args.condition})'}; eval: poisson photons {args.photons} read {READ}. CARE: CAREamics "
               f"{CAREAMICS.split('==')[1]}, {args.iterations} steps of batch {CARE_BATCH} on {CARE_COPIES} noisy "
               f"copies of the same training part. Time: restore wall (CLI incl. ~5-10 s cluster start-up) or "
               f"in-process seconds.\n\n{text}\n## Goals\n\n"
