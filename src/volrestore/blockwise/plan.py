@@ -56,6 +56,16 @@ class Plan:
     read_dtype: str = "float32"  # what tiles are read as: "float64" for inputs float32 cannot hold (input_precision)
     progress_group: int = 1  # write-blocks per progress record (blocks.progress_group_for: > 1 only for huge plans)
 
+    @property
+    def spatial_axes(self) -> list[int]:
+        """Positions of z, y, x among the plan's axes (the grid's axes, in order)."""
+        return [d for d, a in enumerate(self.axes) if a in "zyx"]
+
+    @property
+    def other_axes(self) -> list[int]:
+        """Positions of the other axes (time, channel): restored one index at a time."""
+        return [d for d, a in enumerate(self.axes) if a not in "zyx"]
+
 
 
 def plan(input, model="identity", level=0, tile=None, overlap=None, batch=4, seed=0, block=None, **model_options):

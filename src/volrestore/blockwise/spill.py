@@ -32,8 +32,12 @@ def spill_root(plan) -> str:
     return os.path.join(os.path.dirname(plan.progress), SPILL_DIR)
 
 
-def _spatial(plan) -> list[int]:
-    return [d for d, a in enumerate(plan.axes) if a in "zyx"]
+def _placed(index, axes, values) -> tuple[int, ...]:
+    """`index` with its entries at positions `axes` replaced by `values`."""
+    out = list(index)
+    for d, v in zip(axes, values):
+        out[d] = v
+    return tuple(out)
 
 
 def _flat(plan, index) -> int:
@@ -54,45 +58,36 @@ def blocks_along(plan, d: int, axis_grid, k: int) -> range:
 
 def owns(plan, index, tile) -> bool:
     """Whether block `index` owns the tile (a tuple of per-spatial-axis tile indices)."""
-    return all(owner_along(plan, d, ax, k) == index[d] for d, ax, k in zip(_spatial(plan), plan.grid.axes, tile))
+    return all(owner_along(plan, d, ax, k) == index[d] for d, ax, k in zip(plan.spatial_axes, plan.grid.axes, tile))
 
 
 def consumers(plan, index, tile) -> Iterator[tuple[int, ...]]:
     """The other blocks (same non-spatial indices as `index`) that an owned tile reaches into."""
-    spatial = _spatial(plan)
+    spatial = plan.spatial_axes
     ranges = [blocks_along(plan, d, ax, k) for d, ax, k in zip(spatial, plan.grid.axes, tile)]
     for combo in itertools.product(*ranges):
-        other = list(index)
-        for d, i in zip(spatial, combo):
-            other[d] = i
-        if tuple(other) != tuple(index):
-            yield tuple(other)
+        if (other := _placed(index, spatial, combo)) != tuple(index):
+            yield other
 
 
 def prerequisites(plan, index) -> list[tuple[int, ...]]:
     """The blocks owning a tile that reaches into block `index` (besides itself): they should end before it starts."""
     box = blocks.block_box(plan, index)
-    spatial = _spatial(plan)
+    spatial = plan.spatial_axes
     ranges = []
     for d, ax in zip(spatial, plan.grid.axes):
         touching = ax.tiles_touching(*box[d])
         owners = {owner_along(plan, d, ax, k) for k in touching} if len(touching) else {index[d]}
         ranges.append(range(min(owners), index[d] + 1))
-    result = []
-    for combo in itertools.product(*ranges):
-        other = list(index)
-        for d, i in zip(spatial, combo):
-            other[d] = i
-        if tuple(other) != tuple(index):
-            result.append(tuple(other))
-    return result
+    placed = (_placed(index, spatial, combo) for combo in itertools.product(*ranges))
+    return [other for other in placed if other != tuple(index)]
 
 
 def linked_axes(plan) -> list[int]:
     """Plan axes along which a tile can reach into the next block: spatial axes with more than one block, unless
     their tiles do not overlap and every block border falls on a tile border."""
     linked = []
-    for d, ax in zip(_spatial(plan), plan.grid.axes):
+    for d, ax in zip(plan.spatial_axes, plan.grid.axes):
         aligned = ax.overlap == 0 and plan.block[d] % ax.tile == 0 and ax.start(0) == 0
         if plan.shape[d] > plan.block[d] and not aligned:
             linked.append(d)
@@ -109,12 +104,7 @@ def wave_order(plan, skip_done=False) -> Iterator[tuple[int, ...]]:
     for wave in range(sum(counts[d] - 1 for d in spatial) + 1):
         for position in _with_sum([counts[d] for d in spatial], wave):
             for rest in itertools.product(*(range(counts[d]) for d in other)):
-                index = [0] * len(counts)
-                for d, i in zip(spatial, position):
-                    index[d] = i
-                for d, i in zip(other, rest):
-                    index[d] = i
-                index = tuple(index)
+                index = _placed(_placed((0,) * len(counts), spatial, position), other, rest)
                 if skip_done and os.path.exists(blocks.marker_path(plan, blocks.block_group(plan, index))):
                     continue
                 yield index

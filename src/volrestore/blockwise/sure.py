@@ -40,8 +40,8 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     restorer = restorer_for(spec)
     grid = _region_grid(plan.grid, restorer.size_multiple)
     src = zarr.open_group(plan.input, mode="r")[plan.input_array]
-    spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
-    fixed = {d: src.shape[d] // 2 for d, a in enumerate(plan.axes) if a not in "zyx"}  # the middle time point etc.
+    spatial = plan.spatial_axes
+    fixed = {d: src.shape[d] // 2 for d in plan.other_axes}  # the middle time point etc.
     n = grid.n_tiles
     picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
     k = N_WEIGHTS

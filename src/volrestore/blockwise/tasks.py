@@ -50,8 +50,7 @@ def restore_block(plan, spec, index):
     "tiles": tiles computed}).
     """
     box = block_box(plan, index)
-    spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
-    other = [d for d, a in enumerate(plan.axes) if a not in "zyx"]
+    spatial, other = plan.spatial_axes, plan.other_axes
     lo, hi = [box[d][0] for d in spatial], [box[d][1] for d in spatial]
     n_vox = math.prod(b - a for a, b in box)
     if plan.mask is not None and not _has_foreground(plan, lo, hi):
@@ -65,19 +64,20 @@ def restore_block(plan, spec, index):
     sent = spill.received(plan, index)
     tiles = _BlockTiles(plan, restorer_for(spec), index)
     spills: dict = {}
+    touching = list(itertools.product(*grid.tiles_touching(lo, hi)))  # in the fixed global order
+    owned = {t for t in touching if spill.owns(plan, index, t)}
     for fixed in itertools.product(*(range(*box[d]) for d in other)):  # each time point / channel separately
-        touching = list(itertools.product(*grid.tiles_touching(lo, hi)))
-        tiles.start(fixed, [t for t in touching if (fixed, t) not in sent or spill.owns(plan, index, t)])
+        tiles.start(fixed, [t for t in touching if t in owned or (fixed, t) not in sent])
         acc = {name: np.zeros([b - a for a, b in zip(lo, hi)]) for name in outs}
         # Tiles in the fixed global order, so each voxel's float64 sum is the same whichever block computes it.
         for t in touching:
-            part = sent.pop((fixed, t), None)
-            if part is None or spill.owns(plan, index, t):
-                result = tiles.result(t)
-                part = {name: result[name][_overlap(grid, t, lo, hi)[1]] for name in outs}
-                if spill.owns(plan, index, t):
-                    _cut_spills(plan, index, fixed, t, result, spills)
             where_acc, where_tile = _overlap(grid, t, lo, hi)
+            part = sent.pop((fixed, t), None)
+            if part is None or t in owned:
+                result = tiles.result(t)
+                part = {name: result[name][where_tile] for name in outs}
+                if t in owned:
+                    _cut_spills(plan, index, fixed, t, result, spills)
             weights = grid.weights(t)[where_tile]
             for name in outs:
                 acc[name][where_acc] += weights * part[name]
@@ -107,10 +107,8 @@ class _BlockTiles:
         grid, plan = self.plan.grid, self.plan
         self.read = [ax.read_range(range(min(t[d] for t in tiles), max(t[d] for t in tiles) + 1))
                      for d, ax in enumerate(grid.axes)]
-        spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
-        other = [d for d, a in enumerate(plan.axes) if a not in "zyx"]
         src = open_array(plan.run, plan.input, plan.input_array, "r")
-        region = np.asarray(src[_selection(plan, fixed, other, zip(spatial, self.read))],
+        region = np.asarray(src[_selection(plan, fixed, plan.other_axes, zip(plan.spatial_axes, self.read))],
                             dtype=np.dtype(plan.read_dtype))
         self.region = np.nan_to_num(region, nan=0.0, posinf=0.0, neginf=0.0) if plan.fill_nan else region
 
@@ -148,7 +146,7 @@ class _BlockTiles:
 
 def _cut_spills(plan, index, fixed, tile, result, spills) -> None:
     """Add the parts of an owned tile that lie in other blocks to `spills` ({consumer: {(fixed, tile): parts}})."""
-    spatial = [d for d, a in enumerate(plan.axes) if a in "zyx"]
+    spatial = plan.spatial_axes
     names = [name for name, _, _ in plan.outputs]
     for consumer in spill.consumers(plan, index, tile):
         box = block_box(plan, consumer)
