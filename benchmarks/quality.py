@@ -85,9 +85,10 @@ QUICK_CROPS = {
     "cho_bin2": {"train_t": range(0, 2), "t": 19, "bin": 2, "eval": (slice(None), slice(96, 160), slice(160, 224))},
     "phantom": {"train_seed": 8001, "train_shape": (16, 64, 96), "eval_seed": 8002, "eval_shape": (16, 48, 48)},
 }
-METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "ddpm", "ancestral", "default", "default_tta")
+METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", "ddpm", "ancestral", "default",
+           "default_tta")
 SHIPPED_ONLY = ("default_regression", "default_ddpm")  # one of the two runs "default" asks for
-ORDER = ("raw", "gaussian", "bm4d", "care", "regression", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
+ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
          "ancestral", "default", "default_ddpm", "default_tta")
 
 
@@ -364,13 +365,13 @@ def care(vol: dict, photons: list[float], noisy_paths: dict, args, py: Path) -> 
 
 # ---- ours (CLI) ------------------------------------------------------------------------------------------------
 
-def patch_for(vol: dict, args) -> str:
+def patch_for(vol: dict, args, preset=None) -> str:
     """The preset's patch, shrunk to the training part (multiples of the net's size multiple)."""
     if args.patch:
         return [int(v) for v in args.patch]
     from volrestore.model import nets
 
-    cfg = nets.load_preset(args.preset)
+    cfg = nets.load_preset(preset or args.preset)
     levels = len(cfg["channel_mult"]) if "channel_mult" in cfg else len(cfg["channels"])
     m = 2 ** (levels - 1)
     dims = int(cfg["spatial_dims"])
@@ -380,22 +381,35 @@ def patch_for(vol: dict, args) -> str:
     return patch if dims == 3 else [1, *patch]
 
 
+def default_preset() -> str:
+    """The shipped default regression's network preset (what `train --init default` fine-tunes)."""
+    from volrestore.model.checkpoint import load_checkpoint
+    from volrestore.model.diffusion_restorer import default_model_path
+
+    return load_checkpoint(default_model_path("regression"))["preset"]["name"]
+
+
 def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
+    """Our model trained on the volume's training part: objective "finetune" starts from the shipped default
+    regression (`train --init default`, its network), the others from fresh weights of --preset."""
     global RANGE_OK
+    tune = objective == "finetune"
+    preset = default_preset() if tune else args.preset
     for _ in range(2):
         spec = TRAIN_DEGRADE if RANGE_OK else FALLBACK_DEGRADE
-        patch = patch_for(vol, args)
+        patch = patch_for(vol, args, preset)
         label = objective or "preset"
-        parts = (args.preset, objective, args.iterations, patch, spec, CODE_KEY) + (
-            (args.condition,) if args.condition != "none" else ())  # keys of blind models stay as they were
+        parts = (preset, objective, args.iterations, patch, spec, CODE_KEY) + (
+            (args.condition,) if args.condition != "none" and not tune else ())  # blind models' keys stay as they were
         out = vol["dir"] / f"model-{label}-{key(*parts)}.pt"
         meta = out.with_suffix(".json")
         if out.exists() and meta.exists():
             return out, json.loads(meta.read_text())
-        cmd = ["volrestore", "train", "--target", vol["train"], "--degrade", spec, "--preset", args.preset,
+        cmd = ["volrestore", "train", "--target", vol["train"], "--degrade", spec,
+               *(["--init", "default"] if tune else ["--preset", args.preset]),
                "--iterations", str(args.iterations), "--patch", *map(str, patch), "--val-fraction", "0", "--out", out,
                "--overwrite", "--cluster", args.cluster]
-        if objective:
+        if objective and not tune:
             cmd += ["--objective", objective]
         if args.condition != "none" and objective == "regression":
             cmd += ["--condition", args.condition]  # restore measures the level on each noisy input
@@ -408,7 +422,8 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
             continue
         if rc:
             raise RuntimeError([ln for ln in text.splitlines() if ln.startswith("error:")][-1:] or f"train rc {rc}")
-        info = {"train_s": wall, "degrade": spec, "patch": patch, "preset": args.preset, "objective": label}
+        info = {"train_s": wall, "degrade": spec, "patch": patch, "objective": label,
+                "preset": f"default ({preset}) fine-tuned" if tune else args.preset}
         meta.write_text(json.dumps(info))
         return out, info
     raise RuntimeError("training failed")
@@ -489,6 +504,8 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
     runs = []  # (method, label, model objective, restore options)
     if "regression" in args.methods:
         runs.append(("regression", "ours regression", "regression", {}))
+    if "finetune" in args.methods:
+        runs.append(("finetune", "ours fine-tuned default (train --init default)", "finetune", {}))
     if "ddpm" in args.methods:
         for k in ks:
             runs.append((f"ddpm{k}", f"ours DDPM-avg K={k} (fast sampler)", DIFFUSION_OBJECTIVE,
@@ -603,7 +620,7 @@ def goals(results: dict, kmax: int) -> list[str]:
         for p, rows in r["tables"].items():
             m = {row["method"]: row for row in rows if "failed" not in row}
             ran = {row["method"] for row in rows}
-            k8, reg = m.get(f"ddpm{kmax}"), m.get("regression")
+            k8, reg, tuned = m.get(f"ddpm{kmax}"), m.get("regression"), m.get("finetune")
             base = [m[b]["psnr"] for b in ("bm4d", "gaussian") if b in m]
             where = f"{name} P={p}"
 
@@ -617,7 +634,8 @@ def goals(results: dict, kmax: int) -> list[str]:
 
             bar = max(base) + 1 if len(base) == 2 else None
             kk = f"ddpm{kmax}"
-            for row, lab, meth in ((reg, "regression", "regression"), (k8, f"K={kmax}", kk)):
+            for row, lab, meth in ((reg, "regression", "regression"), (tuned, "fine-tuned", "finetune"),
+                                   (k8, f"K={kmax}", kk)):
                 check(f"{lab} PSNR ≥ max(BM4D, oracle Gaussian) + 1 dB",
                       row["psnr"] - bar if row and bar is not None else None, (meth,))
                 check(f"{lab} PSNR ≥ CARE", row["psnr"] - m["care"]["psnr"] if row and "care" in m else None,

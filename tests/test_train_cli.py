@@ -14,6 +14,7 @@ from volrestore import write_image
 from volrestore.io import ngff
 from volrestore.simulate import synthetic
 from volrestore.model.checkpoint import load_checkpoint
+from volrestore.model.diffusion_restorer import default_model_path
 from volrestore.model.trainjob import partial_path, train_image
 
 torch.set_num_threads(1)
@@ -132,6 +133,56 @@ def test_photon_conditioned_model_trains_and_restores_with_measured_or_given_pho
                       contains="blind to the noise level")
     assert_user_error(cli("restore", images["noisy"], restored, "--model", out, "--photons", -1), restored,
                       contains="--photons must be a positive number")
+
+
+def test_init_fine_tunes_the_shipped_default_and_refuses_contradictions(images, cluster, tmp_path):
+    """`train --init default` starts from the shipped regression's EMA weights with its network, objective and
+    condition and a quarter of its learning rate, records the model's hash, restores through the CLI; options that
+    contradict the model, a missing model and a --resume across different starting weights are refused."""
+    shipped = load_checkpoint(default_model_path("regression"))
+    addr = cluster.scheduler.address
+    args = ["--target", images["clean"], "--degrade", DEGRADE, "--patch", 1, 16, 16, "--batch", 2,
+            "--val-fraction", 0, "--cluster", addr]
+    still = tmp_path / "still.pt"  # one step of a vanishing learning rate: the weights it started from
+    result = cli("train", *args, "--init", "default", "--iterations", 1, "--lr", "1e-12", "--out", still)
+    assert result.exit_code == 0, (result.output, result.exception)
+    fresh = tmp_path / "fresh.pt"
+    result = cli("train", *args, "--preset", "small-2.5d", "--objective", "regression", "--iterations", 1, "--lr",
+                 "1e-12", "--out", fresh)
+    assert result.exit_code == 0, (result.output, result.exception)
+    ck, fresh_ck = load_checkpoint(still), load_checkpoint(fresh)
+    assert ck["preset"] == shipped["preset"] and ck["objective"] == "regression" and ck["condition"] == "none"
+    assert ck["train_config"]["init"] == shipped["hash"] and fresh_ck["train_config"]["init"] is None
+    assert ck["provenance"]["init"] == {"model": "default-regression", "hash": shipped["hash"]}
+    gap = max(float((fresh_ck["ema"][k].float() - v.float()).abs().max()) for k, v in shipped["ema"].items())
+    assert gap > 0.05  # fresh weights are far from the shipped ones; the fine-tuned run starts on them:
+    for k, v in shipped["ema"].items():  # (training's forced weight normalisation rescales them by < 2e-4)
+        torch.testing.assert_close(ck["ema"][k].float(), v.float(), atol=1e-6, rtol=1e-3)
+
+    tuned = tmp_path / "tuned.pt"
+    result = cli("train", *args, "--init", "default", "--iterations", 2, "--out", tuned)
+    assert result.exit_code == 0, (result.output, result.exception)
+    tuned_ck = load_checkpoint(tuned)
+    assert tuned_ck["train_config"]["lr"] == pytest.approx(0.25 * shipped["train_config"]["lr"])
+    assert any(not torch.equal(tuned_ck["ema"][k].float(), v.float()) for k, v in shipped["ema"].items())
+    restored = tmp_path / "r.ome.zarr"
+    result = cli("restore", images["noisy"], restored, "--model", tuned, "--tile", 1, 16, 16, "--overlap", 4,
+                 "--cluster", addr)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert np.isfinite(ngff.open_level(str(restored), 0)[...]).all()
+    result = cli("train", *args, "--init", "default", "--iterations", 3, "--out", tuned, "--resume")
+    assert result.exit_code == 0 and load_checkpoint(tuned)["iteration"] == 3, (result.output, result.exception)
+
+    bad = tmp_path / "bad.pt"
+    for extra, contains in ((["--init", "default", "--preset", "tiny-2.5d"], "drop --preset"),
+                            (["--init", "default", "--objective", "v"], "drop --objective v"),
+                            (["--init", "default", "--condition", "photons"], "drop --condition photons"),
+                            (["--init", tmp_path / "nope.pt"], "not found"),
+                            ([], "give --preset NAME")):
+        assert_user_error(cli("train", *args, *extra, "--iterations", 2, "--out", bad), bad, partial_path(bad),
+                          contains=contains)
+    assert_user_error(cli("train", *args, "--init", "default", "--iterations", 3, "--out", fresh, "--resume"),
+                      contains="it started from fresh weights")
 
 
 def test_paired_training_records_both_images(images, cluster, tmp_path):

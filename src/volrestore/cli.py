@@ -433,7 +433,12 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
               help="Registered low-quality OME-Zarr image of the same grid (paired training).")
 @click.option("--degrade", default=None, help="Or make inputs from --target: poisson:photons=P[,read=R][,blur=PSF]"
               "[,down=D][,seed=S].")
-@click.option("--preset", required=True, help="Network preset name (paper-2d, unet3d, tiny-2d, tiny-3d) or YAML path.")
+@click.option("--preset", default=None, help="Network preset name (paper-2d, unet3d, tiny-2d, tiny-3d) or YAML path "
+              "[required unless --init].")
+@click.option("--init", default=None, metavar="MODEL",
+              help="Start from this trained model's weights and fine-tune it on this data: a shipped model (default, "
+                   "default-diffusion) or a .pt file; its network, objective and condition are kept, the learning "
+                   "rate is a quarter of its own unless --lr.")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint file to write (e.g. model.pt).")
 @click.option("--iterations", type=int, default=None, help="Total iterations [the preset's].")
 @click.option("--patch", nargs=3, type=int, default=None, metavar="Z Y X",
@@ -450,9 +455,10 @@ def benchmark_cmd(preset, samples, steps, sampler, device, size, tile, overlap, 
 @click.option("--z-strides", default=None, metavar="S[,S...]",
               help="2.5D presets: take each patch's z neighbours one of these many slices apart (e.g. 1,2,4,8), so a "
               "model trained on finely sampled z also suits coarser stacks [1].")
-@click.option("--condition", type=click.Choice(["none", "photons"]), default="none", show_default=True,
+@click.option("--condition", type=click.Choice(["none", "photons"]), default=None,
               help="photons: tell the model each patch's noise level (regression with --degrade); restore then "
-              "measures it on the image or takes --photons. none: the model is blind to it.")
+              "measures it on the image or takes --photons. none: the model is blind to it [none; with --init, "
+              "the model's].")
 @click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of the images to train on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, patches, noise and timesteps.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints and validation "

@@ -156,6 +156,9 @@ class TrainConfig(_Frozen):
     # "photons": a regression net told each patch's noise level (photons at the reference intensity; the batches give
     # it), restoring with the level measured on the image or given by the user; "none": blind to it.
     condition: Literal["none", "photons"] = "none"
+    # `train --init`: the content hash of the model whose EMA weights the run starts from (fine-tuning; the network,
+    # objective, schedule and condition are that model's); None: fresh weights from the seed.
+    init: str | None = None
 
 
 class TrainData(_Frozen):

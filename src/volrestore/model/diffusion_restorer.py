@@ -64,7 +64,9 @@ def shipped_name(name: str, options: dict) -> str:
     return "default-regression"
 
 
-def _model_path(name: str) -> Path:
+def model_path(name: str) -> Path:
+    """The checkpoint file a model name means: a shipped model's inside the package, else the path itself;
+    UserError when there is none."""
     shipped = name in SHIPPED
     path = _shipped_path(name) if shipped else Path(name)
     if not path.is_file():
@@ -118,7 +120,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
     extras = {**EXTRAS, **{k: v for k, v in options.items() if k in EXTRAS}}
-    path = _model_path(name)
+    path = model_path(name)
     ck = load_checkpoint(path)
     # A checkpoint may name its own normalisation (the shipped model says "image"), so a copy of it given by path
     # restores as `--model default` does; older checkpoints: "image" for the default, else "model".

@@ -60,7 +60,7 @@ _DROPOUT, _SAMPLE = 1, 2
 def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: TrainConfig,
           normalisation: Normalisation, *, provenance: dict | None = None, resume: bool | str | Path = False,
           val: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu",
-          log: Callable[[dict], None] | None = None) -> dict | None:
+          log: Callable[[dict], None] | None = None, init: str | Path | None = None) -> dict | None:
     """Train and write checkpoints to `out`; returns the final checkpoint dict (None on DDP ranks other than 0).
 
     `batches(iteration) -> (cond, target)` float32 (B, *spatial) in intensity units, plus photons (B,) at the
@@ -68,6 +68,7 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     rather than an iterator so that `resume` sees exactly the data a straight run would: together with per-iteration
     seeds for timesteps, noise and dropout, N + M iterations and N, then resume M, give identical weights.
     `resume`: True continues from `out` when it exists, a path continues from that checkpoint.
+    `init`: a checkpoint whose EMA weights a fresh run starts from (fine-tuning); `config.init` must be its hash.
 
     Inside an initialised torch.distributed process group the net runs under DistributedDataParallel: rank r's
     `batches` must return samples [r·B, (r+1)·B) of the global batch. Timesteps and noise are keyed by each sample's
@@ -84,7 +85,7 @@ def train(batches: Callable[[int], tuple[np.ndarray, np.ndarray]], out, config: 
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     schedule = noise_schedule(cfg)
-    state = _TrainState.begin(cfg, normalisation, out if resume is True else resume, device)
+    state = _TrainState.begin(cfg, normalisation, out if resume is True else resume, device, init)
     # `state.net` keeps the plain module (its state_dict has no "module." prefix); `model` is what runs forward.
     model = state.net
     if ddp:
@@ -129,8 +130,10 @@ class _TrainState:
     history: list
 
     @classmethod
-    def begin(cls, cfg: TrainConfig, normalisation: Normalisation, source, device: str) -> "_TrainState":
-        """Fresh weights from the seed, or the state of the checkpoint `source` when it exists (resume)."""
+    def begin(cls, cfg: TrainConfig, normalisation: Normalisation, source, device: str,
+              init=None) -> "_TrainState":
+        """Fresh weights from the seed, or the state of the checkpoint `source` when it exists (resume), else the EMA
+        weights of the model `init` (fine-tuning: its optimizer state is not taken, Adam's moments start afresh)."""
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG state
             torch.manual_seed(_seed(cfg.seed, 0))
             net = nets.ConditionalUNet(cfg.preset, cfg.objective).to(device)
@@ -146,6 +149,13 @@ class _TrainState:
                 opt.load_state_dict(ck["optimizer"])
             state.normalisation = Normalisation.from_dict(ck["normalisation"])
             state.start, state.history = ck["iteration"], ck.get("history", [])
+        elif init is not None:
+            ck = load_checkpoint(init, map_location=device)
+            if ck["hash"] != cfg.init:
+                raise UserError(f"--init model {init} is not the one this run was started from (hash differs): "
+                                "start again with --overwrite")
+            net.load_state_dict(ck["ema"])  # the EMA weights are the model that restores
+            ema.load_state_dict(ck["ema"])
         return state
 
     def checkpoint(self, cfg: TrainConfig, schedule: dfn.Schedule, provenance, iteration: int) -> dict:

@@ -78,6 +78,7 @@ class Job:
     resume: str | None
     topic: str
     device: str = "cpu"
+    init: str | None = None  # --init: a shipped model's name or an absolute .pt path, opened on the worker
 
 
 def sampler_for(data: TrainData) -> PatchSampler:
@@ -91,13 +92,15 @@ def sampler_for(data: TrainData) -> PatchSampler:
 
 def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
                 val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
-                z_strides=None, condition="none", resume=False, overwrite=False, cluster="local", workers=1,
-                echo=print, progress=True, command=None) -> dict:
+                z_strides=None, condition=None, init=None, resume=False, overwrite=False, cluster="local",
+                workers=1, echo=print, progress=True, command=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
-    spec. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes. `batch` is per worker: with
-    `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
+    spec. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes. `init` (a shipped model's name,
+    `default` = the regression, or a .pt file) starts from that model's weights: fine-tuning it on this data, with its
+    network, objective, schedule and noise-level condition, and by default a quarter of its learning rate (a new
+    intensity normalisation is fitted to this data, as for fresh weights). `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
     train exactly what one worker with batch N·batch would. Everything is validated before the cluster starts;
     nothing is written on a UserError. `cluster` is a spec or a Client.
     """
@@ -106,12 +109,20 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
                         ("--checkpoint-every", checkpoint_every)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
-    preset_cfg = nets.load_preset(preset)
     every = {"checkpoint_every": checkpoint_every} if checkpoint_every else {}
-    if condition not in ("none", "photons"):
+    if condition not in (None, "none", "photons"):
         raise UserError(f"--condition must be none or photons, got {condition!r}")
-    config = resolve_config(TrainConfig(preset=preset_cfg, objective=objective, iterations=iterations, lr=lr,
-                                        seed=seed, noise_balance=noise_balance, condition=condition, **every))
+    if init is not None:
+        init, recipe = _init_model(init, preset, objective, condition, lr)
+        preset_cfg = recipe["preset"]
+    elif preset is None:
+        raise UserError("give --preset NAME (a new network) or --init MODEL (fine-tune a trained one, e.g. default)")
+    else:
+        preset_cfg, recipe = nets.load_preset(preset), {"objective": objective, "condition": condition or "none",
+                                                         "lr": lr}
+    config = resolve_config(TrainConfig(iterations=iterations, seed=seed, noise_balance=noise_balance,
+                                        **{**recipe, "preset": preset_cfg}, **every))
+    condition = config.condition
     if config.objective not in nets.OBJECTIVES:
         raise UserError(f"unknown objective {config.objective!r}: use one of {', '.join(nets.OBJECTIVES)}")
     if condition == "photons" and (config.objective != "regression" or degrade is None):
@@ -123,10 +134,41 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
     if source is None:
         norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
     provenance = {"version": __version__, "command": command or "", "data": data.model_dump(), "workers": workers}
+    if init is not None:
+        provenance["init"] = {"model": init, "hash": config.init}
     job = Job(data=data, world=workers, config=config, normalisation=norm.to_dict(), provenance=provenance,
               partial=str(partial_path(out).resolve()), resume=str(Path(source).resolve()) if source else None,
-              topic=f"volrestore-train-{uuid.uuid4().hex}")
+              topic=f"volrestore-train-{uuid.uuid4().hex}", init=init)
     return _train_on_cluster(job, out, start, cluster, echo, progress)
+
+
+FINE_TUNE_LR = 0.25  # --init without --lr: this share of the initial model's peak learning rate
+
+
+def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict]:
+    """For `--init`: what the workers open (a shipped model's name, else the absolute path) and the TrainConfig fields
+    the model fixes (its network, objective, schedule, condition, hash) plus the learning rate; UserError when an
+    option given contradicts the model."""
+    from volrestore.model.diffusion_restorer import SHIPPED, model_path, shipped_name
+
+    name = shipped_name(init, {})
+    ck = load_checkpoint(model_path(name))
+    theirs = {"--preset": ck["preset"].get("name"), "--objective": ck["objective"],
+              "--condition": ck.get("condition", "none")}
+    if preset is not None and nets.load_preset(preset) != ck["preset"]:
+        raise UserError(f"--init {init} is a {theirs['--preset']} network, not {preset}: drop --preset (the initial "
+                        "model fixes the network)")
+    for flag, given in (("--objective", objective), ("--condition", condition)):
+        if given is not None and given != theirs[flag]:
+            raise UserError(f"--init {init} was trained with {flag} {theirs[flag]}: drop {flag} {given} or train "
+                            "a new model with --preset")
+    schedule = ck["schedule"]
+    peak = lr or FINE_TUNE_LR * float((ck.get("train_config") or {}).get("lr") or
+                                      ck["preset"].get("train", {}).get("lr", 2e-4))
+    recipe = {"preset": ck["preset"], "objective": ck["objective"], "schedule": schedule["kind"],
+              "T": schedule.get("T", 200), "s": schedule.get("s", 0.008), "condition": theirs["--condition"],
+              "lr": peak, "init": ck["hash"]}
+    return (name if name in SHIPPED else str(Path(name).resolve())), recipe
 
 
 def _training_data(target, input, degrade, level, preset: dict, patch, batch, workers, val_fraction, seed,
@@ -212,7 +254,8 @@ def _train_on_cluster(job: Job, out: Path, start: int, cluster, echo, progress) 
     tmp.write_bytes(result.pop("checkpoint"))
     os.replace(tmp, out)  # atomic: `out` is either the old checkpoint or the new one
     summary = {"out": str(out), **result, "workers": job.world, "device": job.device,
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "seconds": round(time.perf_counter() - t0, 3), "preset": job.config.preset.get("name"),
+               "init": job.provenance.get("init")}
     val = f", val PSNR {summary['val_psnr']:.2f} dB" if summary.get("val_psnr") is not None else ""
     echo(f"trained {summary['iteration']} iterations (loss {summary['loss']:.4g}{val}) on {job.world} "
          f"{job.device} worker(s) -> {out}")
@@ -248,6 +291,12 @@ def _resume_source(out: Path, resume: bool, overwrite: bool, config: TrainConfig
     if source is None:
         return None, 0, None  # nothing to continue: a fresh start, as train(resume=True) does
     ck = load_checkpoint(source)
+    if (ck.get("train_config") or {}).get("init") != config.init:
+        began = (ck.get("train_config") or {}).get("init")
+        raise UserError(f"cannot resume {source}: it started from "
+                        f"{'the model with hash ' + began[:12] if began else 'fresh weights'}, this run from "
+                        f"{'the model with hash ' + config.init[:12] if config.init else 'fresh weights'}; resume "
+                        "with the same --init, or train a new model with --overwrite or another --out")
     check_resumable(ck, config, source)
     if ck.get("condition", "none") != config.condition:
         raise UserError(f"cannot resume {source}: it was trained with --condition {ck.get('condition', 'none')}; "
@@ -380,10 +429,15 @@ def _run_rank(job: Job, rank: int, rendezvous: str | None) -> dict | None:
         def batches(it):
             pair = sampler(it, lo, hi)
             return (*pair, sampler.photons(it, lo, hi)) if conditioned else pair
+        init = None
+        if job.init is not None and not job.resume:
+            from volrestore.model.diffusion_restorer import model_path
+
+            init = model_path(job.init)
         ck = train(batches, job.partial, job.config,
                    Normalisation.from_dict(job.normalisation), provenance=job.provenance,
                    resume=job.resume or False, val=val, device=job.device,
-                   log=_Reporter(job.topic) if rank == 0 else None)
+                   log=_Reporter(job.topic) if rank == 0 else None, init=init)
     finally:
         if job.world > 1:
             dist.destroy_process_group()
