@@ -87,9 +87,10 @@ QUICK_CROPS = {
 }
 METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", "ddpm", "ancestral", "default",
            "default_tta")
+EXTRA_METHODS = ("default_ddpm8", "default_1step")  # only when asked for
 SHIPPED_ONLY = ("default_regression", "default_ddpm")  # one of the two runs "default" asks for
 ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
-         "ancestral", "default", "default_ddpm", "default_tta")
+         "ancestral", "default", "default_ddpm", "default_ddpm8", "default_1step", "default_tta")
 
 
 def key(*parts) -> str:
@@ -541,7 +542,13 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
                     ("default_ddpm", "diffusion", {"samples": k}, f"shipped default-diffusion K={k}",
                      {"default", "default_ddpm"}),
                     ("default_tta", "regression", {"tta": DEFAULT_TTA},
-                     f"shipped default (regression), --tta {DEFAULT_TTA}", {"default_tta"}))
+                     f"shipped default (regression), --tta {DEFAULT_TTA}", {"default_tta"}),
+                    # the diffusion model's K = 8 average and its one-evaluation answer: DDIM's single step from
+                    # sigma_max is the denoiser's estimate of the posterior mean, what a distilled student would learn
+                    ("default_ddpm8", "diffusion", {"samples": 8}, "shipped default-diffusion K=8",
+                     {"default_ddpm8"}),
+                    ("default_1step", "diffusion", {"steps": 1}, "shipped default-diffusion, 1 DDIM step (1 evaluation)",
+                     {"default_1step"}))
     from volrestore.model.diffusion_restorer import default_model_path
 
     for method, kind, opts, label, asked_by in shipped_runs:
@@ -724,7 +731,8 @@ def main() -> None:
     ap.add_argument("--patch", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
                     help="training patch of ours, e.g. 1 96 96 [the preset's, fitted]")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help=",".join(METHODS) + f" (or {' / '.join(SHIPPED_ONLY)}: one of default's two)")
+                    help=",".join(METHODS) + f" (or {' / '.join(SHIPPED_ONLY)}: one of default's two; also "
+                    f"{', '.join(EXTRA_METHODS)})")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny crops, one photon level, 20 iterations, K=2, "
                     "CARE only if its venv exists")
     ap.add_argument("--care-dims", type=int, choices=(2, 3), default=None,
@@ -736,7 +744,7 @@ def main() -> None:
     args = ap.parse_args()
     args.photons = [float(p) for p in (args.photons or (QUICK_PHOTONS if args.quick else "3,10,30")).split(",")]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(args.methods) - set(METHODS) - set(SHIPPED_ONLY))
+    bad = sorted(set(args.methods) - set(METHODS) - set(SHIPPED_ONLY) - set(EXTRA_METHODS))
     if bad:
         raise SystemExit(f"unknown method(s) {', '.join(bad)}: use {', '.join(METHODS)}")
     args.iterations = args.iterations or (QUICK_ITERATIONS if args.quick else 2000)

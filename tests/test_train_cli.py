@@ -170,6 +170,11 @@ def test_init_fine_tunes_the_shipped_default_and_refuses_contradictions(images, 
                  "--cluster", addr)
     assert result.exit_code == 0, (result.output, result.exception)
     assert np.isfinite(ngff.open_level(str(restored), 0)[...]).all()
+    listed = cli("models", tmp_path, "--json")
+    assert listed.exit_code == 0, listed.output
+    rows = {m["name"]: m for m in json.loads(listed.stdout)}
+    assert rows["tuned"]["training_data"].endswith(f"fine-tuned from default-regression ({shipped['hash'][:12]})")
+    assert "fine-tuned" not in rows["fresh"]["training_data"]
     result = cli("train", *args, "--init", "default", "--iterations", 3, "--out", tuned, "--resume")
     assert result.exit_code == 0 and load_checkpoint(tuned)["iteration"] == 3, (result.output, result.exception)
 

@@ -89,7 +89,7 @@ def restore(input, output, model="default", *, level=0, tile=None, overlap=None,
                     break_lock=break_lock, **{k: v for k, v in options.items() if v is not None}, **model_options)
 
 
-def train(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
+def train(target, out, *, input=None, degrade=None, preset=None, init=None, iterations=None, patch=None, batch=None,
           val_fraction=0.1, objective=None, level=0, seed=0, lr=None, checkpoint_every=None, resume=False,
           overwrite=False, cluster="local", workers=1, progress=True, echo=print) -> dict:
     """Train a restoration model on OME-Zarr data and write the checkpoint `out` (.pt); a summary dict.
@@ -97,13 +97,14 @@ def train(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations
     Paired (`input`: a registered low-quality image of the target's grid) or from the clean `target` alone with a
     `degrade` spec ("poisson:photons=P[,read=R][,blur=PSF][,down=D]"). `preset`: a network preset name or YAML;
     `patch` (Z, Y, X), Z 1 for 2D presets; `batch` per worker; the last `val_fraction` of y is held out for
-    validation. `workers` > 1 trains with DistributedDataParallel (global batch workers x batch).
+    validation. `workers` > 1 trains with DistributedDataParallel (global batch workers x batch). `init` ("default",
+    "default-diffusion" or a .pt) fine-tunes that model instead of fresh weights of `preset` (default "tiny-2d").
     """
     from volrestore.model.trainjob import train_image
 
     return train_image(_path(target, "target", "train"), _path(out, "out", "train"),
                        input=None if input is None else _path(input, "input", "train"), degrade=degrade,
-                       preset=preset, iterations=iterations, patch=None if patch is None else list(patch), batch=batch,
+                       preset=preset if preset or init else "tiny-2d", init=init, iterations=iterations, patch=None if patch is None else list(patch), batch=batch,
                        val_fraction=val_fraction, objective=objective, level=level, seed=seed, lr=lr,
                        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, cluster=cluster,
                        workers=workers, progress=progress, echo=echo)

@@ -50,8 +50,9 @@ def describe(path, source: str = "local") -> dict:
 
 
 def training_data(provenance: dict) -> str:
-    """One line: 'TARGET (shape) + degrade SPEC' or 'INPUT -> TARGET (shape)'; a checkpoint written by other code
-    (e.g. a training script) may carry its own description, which is shown as it is."""
+    """One line: 'TARGET (shape) + degrade SPEC' or 'INPUT -> TARGET (shape)', then ', fine-tuned from MODEL (hash)'
+    for a `train --init` run; a checkpoint written by other code (e.g. a training script) may carry its own
+    description, which is shown as it is."""
     data = provenance.get("data")
     if not isinstance(data, dict) or "target" not in data:
         return str(provenance.get("description") or provenance.get("data") or "not recorded")
@@ -59,6 +60,8 @@ def training_data(provenance: dict) -> str:
     shape = "x".join(map(str, target.get("shape", [])))
     name = Path(target["path"]).name
     level = f", level {target['level']}" if target.get("level") else ""
+    init = provenance.get("init")
+    start = f", fine-tuned from {Path(init['model']).name} ({init['hash'][:12]})" if isinstance(init, dict) else ""
     if data.get("input"):
-        return f"{Path(data['input']['path']).name} -> {name} ({shape}{level})"
-    return f"{name} ({shape}{level}) + degrade {data.get('degrade')}"
+        return f"{Path(data['input']['path']).name} -> {name} ({shape}{level}){start}"
+    return f"{name} ({shape}{level}) + degrade {data.get('degrade')}{start}"
