@@ -65,7 +65,7 @@ ITERATIONS, LR, WARMUP, EMA = 5000, 4e-3, 200, 0.999
 
 def reference_units(vol: np.ndarray) -> tuple[float, float]:
     """(median, 99.9th percentile after in-plane smoothing with sigma 1): what the engine measures for
-    --normalise image (engine._input_range), so training and restoring put intensities on the same scale."""
+    --normalise image (blockwise.plan.input_range), so training and restoring put intensities on the same scale."""
     smooth = ndimage.gaussian_filter(vol.astype(np.float32), (0, 1, 1))
     return float(np.median(vol)), float(np.percentile(smooth, 99.9))
 

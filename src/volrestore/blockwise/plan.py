@@ -180,7 +180,7 @@ def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, fl
     # The model adapts to this image's intensities (and noise): measure them once, record them (provenance, --resume
     # compares them).
     # The noise fit costs a pass over the sampled voxels: only for a model that uses it.
-    background, bright, *fit = _input_range(config.input, config.level, noise=wants_photons or wants_fit)
+    background, bright, *fit = input_range(config.input, config.level, noise=wants_photons or wants_fit)
     measured = {"normalise": "image", "input_range": (background, bright)} if wants_range else {}
     photons = photons_at(*fit, bright) if fit else math.nan
     if wants_photons:
@@ -271,7 +271,7 @@ RANGE_SAMPLE_VOXELS = 32_000_000
 RANGE_SAMPLE_SEED = 20261202
 
 
-def _input_range(path, level, max_voxels=None, noise: bool = False) -> tuple[float, ...]:
+def input_range(path, level, max_voxels=None, noise: bool = False) -> tuple[float, ...]:
     """(background, bright) intensities of an image level: the median, and the 99.9th percentile after a light
     in-plane smoothing (σ = 1 voxel) so noise does not inflate it; with `noise`, also (gain, intercept) of its noise
     variance against intensity (evaluation.metrics.shot_noise_fit, on the same voxels). Reading is
