@@ -159,9 +159,6 @@ class TrainConfig(_Frozen):
     # `train --init`: the content hash of the model whose EMA weights the run starts from (fine-tuning; the network,
     # objective, schedule and condition are that model's); None: fresh weights from the seed.
     init: str | None = None
-    # How `restore` maps an image's intensities for this model, recorded in the checkpoint: None = its percentile maps
-    # ("model"); "image" = measured per image, what a model fine-tuned from the shipped default keeps.
-    normalise: Literal["model", "image"] | None = None
 
 
 class TrainData(_Frozen):

@@ -159,8 +159,7 @@ class _TrainState:
         return state
 
     def checkpoint(self, cfg: TrainConfig, schedule: dfn.Schedule, provenance, iteration: int) -> dict:
-        mapping = {"normalise": cfg.normalise} if cfg.normalise else {}  # read by diffusion_restorer.resolve
-        return {**mapping, "preset": cfg.preset, "objective": cfg.objective, "schedule": schedule.to_dict(),
+        return {"preset": cfg.preset, "objective": cfg.objective, "schedule": schedule.to_dict(),
                 "normalisation": self.normalisation.to_dict(), "provenance": provenance or {}, "iteration": iteration,
                 "condition": cfg.condition,
                 "train_config": cfg.model_dump(exclude={"preset"}), "history": self.history,

@@ -99,8 +99,8 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
     spec. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes. `init` (a shipped model's name,
     `default` = the regression, or a .pt file) starts from that model's weights: fine-tuning it on this data, with its
-    network, objective, schedule, noise-level condition and intensity mapping (`_init_normalisation`), and by default
-    a quarter of its learning rate. `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
+    network, objective, schedule and noise-level condition, its intensity map carried over to this data's units
+    (`_init_normalisation`), and by default a quarter of its learning rate. `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
     train exactly what one worker with batch N·batch would. Everything is validated before the cluster starts;
     nothing is written on a UserError. `cluster` is a spec or a Client.
     """
@@ -132,7 +132,7 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
                                    seed, z_strides)
     source, start, norm = _resume_source(out, resume, overwrite, config, data)
     if source is None and init is not None:
-        norm = _init_normalisation(init_norm, config.normalise, target, level)
+        norm = _init_normalisation(*init_norm, target, level)
     elif source is None:
         norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
     provenance = {"version": __version__, "command": command or "", "data": data.model_dump(), "workers": workers}
@@ -147,10 +147,10 @@ def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iter
 FINE_TUNE_LR = 0.25  # --init without --lr: this share of the initial model's peak learning rate
 
 
-def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict, Normalisation]:
+def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict, tuple[Normalisation, bool]]:
     """For `--init`: what the workers open (a shipped model's name, else the absolute path), the TrainConfig fields
-    the model fixes (its network, objective, schedule, condition, intensity mapping, hash) plus the learning rate, and
-    its Normalisation; UserError when an option given contradicts the model."""
+    the model fixes (its network, objective, schedule, condition, hash) plus the learning rate, and its Normalisation
+    with whether it restores with `normalise image`; UserError when an option given contradicts the model."""
     from volrestore.model.diffusion_restorer import SHIPPED, model_path, shipped_name
 
     name = shipped_name(init, {})
@@ -169,18 +169,21 @@ def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict,
                                       ck["preset"].get("train", {}).get("lr", 2e-4))
     recipe = {"preset": ck["preset"], "objective": ck["objective"], "schedule": schedule["kind"],
               "T": schedule.get("T", 200), "s": schedule.get("s", 0.008), "condition": theirs["--condition"],
-              "lr": peak, "init": ck["hash"], "normalise": ck.get("normalise") or ("image" if name in SHIPPED else None)}
-    return (name if name in SHIPPED else str(Path(name).resolve())), recipe, Normalisation.from_dict(
-        ck["normalisation"])
+              "lr": peak, "init": ck["hash"]}
+    image = (ck.get("normalise") or ("image" if name in SHIPPED else "model")) == "image"
+    return (name if name in SHIPPED else str(Path(name).resolve())), recipe, (
+        Normalisation.from_dict(ck["normalisation"]), image)
 
 
-def _init_normalisation(norm: Normalisation, normalise: str | None, target, level: int) -> Normalisation:
-    """The initial model's intensity maps in this data's units, so fine-tuning starts where the model works. A model
-    that restores with `normalise image` (the shipped default: any gain and offset) gets the target's background and
-    bright intensities, measured as restore measures an image's (blockwise.plan.input_range), mapped onto its training
-    units: restore with "image" then treats a new image exactly as the initial model would. Other models keep their
-    maps (they were trained on data in these units)."""
-    if normalise != "image":
+def _init_normalisation(norm: Normalisation, image: bool, target, level: int) -> Normalisation:
+    """The initial model's intensity maps in this data's units, so fine-tuning starts where the model works. For a
+    model that restores with `normalise image` (the shipped default: any gain and offset), the target's background and
+    bright intensities, measured as restore measures an image's (blockwise.plan.input_range), are mapped onto its
+    training units. The fine-tuned model then keeps this fixed map (`normalise model`, as any model trained on your
+    data): the range measured per image depends on its content as well as its units (quality.py's CHO: median 6 in
+    the training part, 25 in the evaluation crop), and mapping the fine-tuned model by it cost 2.3 dB at 3 photons.
+    Other models keep their maps (they were trained on data in these units)."""
+    if not image:
         return norm
     from volrestore.blockwise.plan import input_range
 
