@@ -547,8 +547,8 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
                     # sigma_max is the denoiser's estimate of the posterior mean, what a distilled student would learn
                     ("default_ddpm8", "diffusion", {"samples": 8}, "shipped default-diffusion K=8",
                      {"default_ddpm8"}),
-                    ("default_1step", "diffusion", {"steps": 1}, "shipped default-diffusion, 1 DDIM step (1 evaluation)",
-                     {"default_1step"}))
+                    ("default_1step", "diffusion", {"steps": 1},
+                     "shipped default-diffusion, 1 DDIM step (1 evaluation)", {"default_1step"}))
     from volrestore.model.diffusion_restorer import default_model_path
 
     for method, kind, opts, label, asked_by in shipped_runs:

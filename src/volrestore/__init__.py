@@ -104,7 +104,8 @@ def train(target, out, *, input=None, degrade=None, preset=None, init=None, iter
 
     return train_image(_path(target, "target", "train"), _path(out, "out", "train"),
                        input=None if input is None else _path(input, "input", "train"), degrade=degrade,
-                       preset=preset if preset or init else "tiny-2d", init=init, iterations=iterations, patch=None if patch is None else list(patch), batch=batch,
+                       preset=preset if preset or init else "tiny-2d", init=init, iterations=iterations,
+                       patch=None if patch is None else list(patch), batch=batch,
                        val_fraction=val_fraction, objective=objective, level=level, seed=seed, lr=lr,
                        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, cluster=cluster,
                        workers=workers, progress=progress, echo=echo)

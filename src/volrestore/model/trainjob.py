@@ -90,19 +90,20 @@ def sampler_for(data: TrainData) -> PatchSampler:
                         ref=data.photon_reference, z_context=data.z_context, z_strides=tuple(data.z_strides))
 
 
-def train_image(target, out, *, input=None, degrade=None, preset="tiny-2d", iterations=None, patch=None, batch=None,
+def train_image(target, out, *, input=None, degrade=None, preset=None, iterations=None, patch=None, batch=None,
                 val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
                 z_strides=None, condition=None, init=None, resume=False, overwrite=False, cluster="local",
                 workers=1, echo=print, progress=True, command=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
-    spec. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes. `init` (a shipped model's name,
-    `default` = the regression, or a .pt file) starts from that model's weights: fine-tuning it on this data, with its
-    network, objective, schedule and noise-level condition, its intensity map carried over to this data's units
-    (`_init_normalisation`), and by default a quarter of its learning rate. `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch is N·batch, so N workers
-    train exactly what one worker with batch N·batch would. Everything is validated before the cluster starts;
-    nothing is written on a UserError. `cluster` is a spec or a Client.
+    spec. `preset` names a new network; or `init` (a shipped model's name, `default` = the regression, or a .pt file)
+    starts from that model's weights: fine-tuning it on this data, with its network, objective, schedule and
+    noise-level condition, its intensity map carried over to this data's units (`_init_normalisation`), and by
+    default a quarter of its learning rate. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes.
+    `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch
+    is N·batch, so N workers train exactly what one worker with batch N·batch would. Everything is validated before
+    the cluster starts; nothing is written on a UserError. `cluster` is a spec or a Client.
     """
     out, workers = Path(out), 1 if workers is None else workers
     for name, value in (("--workers/--gpus", workers), ("--iterations", iterations), ("--batch", batch),
