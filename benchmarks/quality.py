@@ -89,8 +89,8 @@ METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", "ddpm", 
            "default_tta")
 EXTRA_METHODS = ("default_ddpm8", "default_1step")  # only when asked for
 SHIPPED_ONLY = ("default_regression", "default_ddpm")  # one of the two runs "default" asks for
-ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
-         "ancestral", "default", "default_ddpm", "default_ddpm8", "default_1step", "default_tta")
+ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune",
+         *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})), "ancestral", "default", "default_ddpm", "default_ddpm8", "default_1step", "default_tta")
 
 
 def key(*parts) -> str:

@@ -75,6 +75,13 @@ def model_path(name: str) -> Path:
     return path
 
 
+def own_normalise(name: str, ck: dict) -> str:
+    """How checkpoint `ck` (of model `name`) maps intensities when not told: a checkpoint may name its own
+    normalisation (the shipped model says "image"), so a copy of it given by path restores as `--model default` does;
+    older checkpoints: "image" for the shipped ones, else "model"."""
+    return ck.get("normalise") or ("image" if name in SHIPPED else "model")
+
+
 def default_sampler(ck: dict) -> str:
     """The default sampler of a checkpoint (sampler_for its schedule kind)."""
     return sampler_for(ck["schedule"].get("kind"))
@@ -122,9 +129,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     extras = {**EXTRAS, **{k: v for k, v in options.items() if k in EXTRAS}}
     path = model_path(name)
     ck = load_checkpoint(path)
-    # A checkpoint may name its own normalisation (the shipped model says "image"), so a copy of it given by path
-    # restores as `--model default` does; older checkpoints: "image" for the default, else "model".
-    opts["normalise"] = opts["normalise"] or ck.get("normalise") or ("image" if name in SHIPPED else "model")
+    opts["normalise"] = opts["normalise"] or own_normalise(name, ck)
     if opts["normalise"] not in ("image", "model"):
         raise UserError(f"--normalise must be image or model, got {opts['normalise']!r}")
     if opts["input_range"] is not None:

@@ -152,7 +152,7 @@ def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict,
     """For `--init`: what the workers open (a shipped model's name, else the absolute path), the TrainConfig fields
     the model fixes (its network, objective, schedule, condition, hash) plus the learning rate, and its Normalisation
     with whether it restores with `normalise image`; UserError when an option given contradicts the model."""
-    from volrestore.model.diffusion_restorer import SHIPPED, model_path, shipped_name
+    from volrestore.model.diffusion_restorer import SHIPPED, model_path, own_normalise, shipped_name
 
     name = shipped_name(init, {})
     ck = load_checkpoint(model_path(name))
@@ -171,9 +171,8 @@ def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict,
     recipe = {"preset": ck["preset"], "objective": ck["objective"], "schedule": schedule["kind"],
               "T": schedule.get("T", 200), "s": schedule.get("s", 0.008), "condition": theirs["--condition"],
               "lr": peak, "init": ck["hash"]}
-    image = (ck.get("normalise") or ("image" if name in SHIPPED else "model")) == "image"
     return (name if name in SHIPPED else str(Path(name).resolve())), recipe, (
-        Normalisation.from_dict(ck["normalisation"]), image)
+        Normalisation.from_dict(ck["normalisation"]), own_normalise(name, ck) == "image")
 
 
 def _init_normalisation(norm: Normalisation, image: bool, target, level: int) -> Normalisation:
