@@ -11,7 +11,7 @@ plans it (validation, input fingerprint, tile grid, write-blocks, progress group
 and the client's peak RSS over all of it is printed. Goals (issue 14): RSS <= 1 GB, first task <= 60 s, <= 1e5
 progress records, >= 500 tasks/s.
 
-    python benchmarks/plan_scale.py [--shape Z Y X] [--tasks 3000] [--json]
+    python benchmarks/plan_scale.py [--shape Z Y X] [--tasks 3000] [--cluster tcp://HOST:PORT] [--json]
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", nargs=3, type=int, default=[55000, 100000, 100000], metavar=("Z", "Y", "X"))
     parser.add_argument("--chunks", nargs=3, type=int, default=[64, 256, 256], metavar=("Z", "Y", "X"))
     parser.add_argument("--tasks", type=int, default=3000, help="tasks to run before stopping the runner")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="workers of the local cluster")
+    parser.add_argument("--cluster", default="local",
+                        help="local (scheduler in this process) or tcp://HOST:PORT of a running scheduler")
     parser.add_argument("--window", type=int, default=None, help="tasks in flight (default: the runner's)")
     parser.add_argument("--no-records", action="store_true", help="skip writing and scanning progress records")
     parser.add_argument("--json", action="store_true")
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
 
     result = {"voxels": voxels, "bytes": voxels * 2, "write_blocks": n_blocks, "progress_group": plan.progress_group,
               "progress_records": n_groups, "plan_s": round(t_plan, 2)}
-    with connect("local", args.workers, echo=lambda *_: None) as client:
+    with connect(args.cluster, args.workers, echo=lambda *_: None) as client:
         first, done, t_start = [], [0], time.perf_counter()
 
         def on_result(_, __):

@@ -559,9 +559,11 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
             h = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
             for p in args.photons:
                 try:
-                    out, _, wall = restore(noisy_paths[p], f"default-{kind}", f"{method}-{key(h, opts, CODE_KEY)}",
-                                           cluster=args.cluster, **opts)
-                    add(p, method, label, path=out, t=wall, note="not trained on this volume")
+                    spread = opts.get("samples", 1) > 1  # the K samples' std: calibration and the figure's panel
+                    out, std_path, wall = restore(noisy_paths[p], f"default-{kind}",
+                                                  f"{method}-{key(h, opts, CODE_KEY)}", cluster=args.cluster,
+                                                  std=spread, **opts)
+                    add(p, method, label, path=out, t=wall, note="not trained on this volume", std_path=std_path)
                 except Exception as exc:
                     add(p, method, label, failed=str(exc)[:160])
     # CARE last: our training finds out first whether the CLI takes a photon range, and CARE copies that.
@@ -685,8 +687,14 @@ def figure(results: dict, path: Path, kmax: int) -> str | None:
     rows = {row["method"]: row for row in vols[name]["tables"][p] if "failed" not in row}
     truth = read(Path(vols[name]["truth"]))
     load = lambda f: np.load(f) if f.endswith(".npy") else read(Path(f))  # noqa: E731
+    # The run's own DDPM-avg, else the shipped diffusion model's (its K in the title); methods the run did not
+    # compute get no panel, except CARE (n/a says it failed or was not run).
+    ddpm = next((m for m in (f"ddpm{kmax}", "default_ddpm8", "default_ddpm") if m in rows), f"ddpm{kmax}")
+    ddpm_title = (rows[ddpm]["label"].replace("default-diffusion", "DDPM-avg") if ddpm.startswith("default")
+                  else f"DDPM-avg K={kmax}")
     panels = [("raw", "raw"), ("BM4D", "bm4d"), ("CARE", "care"), ("regression", "regression"),
-              (f"DDPM-avg K={kmax}", f"ddpm{kmax}"), ("truth", None), ("std", "std")]
+              ("fine-tuned default", "finetune"), (ddpm_title, ddpm), ("truth", None), ("std", "std")]
+    panels = [(t, m) for t, m in panels if m in (None, "std", "care", ddpm) or m in rows]
     lo, hi = np.percentile(truth, (0.1, 99.9))
     plt = _pyplot()
     z, y = truth.shape[0] // 2, truth.shape[1] // 2
@@ -697,7 +705,7 @@ def figure(results: dict, path: Path, kmax: int) -> str | None:
         if m is None:
             img, own = truth, False
         elif m == "std":
-            sp = rows.get(f"ddpm{kmax}", {}).get("std_path")
+            sp = rows.get(ddpm, {}).get("std_path")
             img, own = (read(Path(sp)) if sp else None), True
         else:
             img, own = (load(rows[m]["path"]) if m in rows else None), False

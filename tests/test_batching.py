@@ -31,12 +31,12 @@ def test_a_tile_result_does_not_depend_on_its_batch_mates_or_position(restorer):
     np.testing.assert_allclose(single, ref[0], rtol=0, atol=1e-5 * np.abs(ref[0]).max())
 
 
-def test_batched_restore_is_bitwise_across_blocks_and_chunks(cluster, tmp_path):
+def test_batched_restore_is_bitwise_across_blocks_and_chunks(session_cluster, tmp_path):
     data = (np.random.default_rng(3).random((3, 56, 72)) * 1000).astype(np.uint16)
     src = tmp_path / "in.ome.zarr"
     write_image(src, data, axes="zyx", chunks=(1, 32, 32))
     args = ["--model", "default", "--steps", 2, "--tile", 1, 32, 32, "--overlap", 8, "--batch", 3,
-            "--cluster", cluster.scheduler.address]
+            "--cluster", session_cluster.scheduler.address]
     a, b = tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr"
     assert cli("restore", src, a, *args).exit_code == 0
     assert cli("restore", src, b, *args, "--chunks", 1, 8, 24, "--block", 2, 16, 48).exit_code == 0

@@ -46,10 +46,10 @@ def one_json_object(result) -> dict:
     return summary
 
 
-def test_restore_json(data, cluster, tmp_path):
+def test_restore_json(data, session_cluster, tmp_path):
     out = tmp_path / "r.ome.zarr"
     result = cli("restore", data / "small.ome.zarr", out, "--model", "gaussian:sigma=1", "--cluster",
-                 cluster.scheduler.address, "--json")
+                 session_cluster.scheduler.address, "--json")
     summary = one_json_object(result)
     assert summary["command"] == "restore" and summary["output"] == str(out)
     assert summary["input"] == str(data / "small.ome.zarr")
@@ -58,9 +58,9 @@ def test_restore_json(data, cluster, tmp_path):
     assert ngff.read_info(out).complete is True
 
 
-def test_restore_without_json_keeps_bars_off_stdout(data, cluster, tmp_path):
+def test_restore_without_json_keeps_bars_off_stdout(data, session_cluster, tmp_path):
     result = cli("restore", data / "small.ome.zarr", tmp_path / "r.ome.zarr", "--model", "identity", "--cluster",
-                 cluster.scheduler.address)
+                 session_cluster.scheduler.address)
     assert result.exit_code == 0, result.stderr
     assert BAR not in result.stdout and BAR in result.stderr
     assert "restored" in result.stdout  # without --json the summary line is for people, on stdout
@@ -74,20 +74,20 @@ def test_convert_json(data, tmp_path):
     assert summary["image"]["levels"][0]["shape"] == [16, 32, 32]
 
 
-def test_degrade_json(data, cluster, tmp_path):
+def test_degrade_json(data, session_cluster, tmp_path):
     out = tmp_path / "d.ome.zarr"
     result = cli("degrade", data / "small.ome.zarr", out, "--spec", "poisson:photons=10,seed=1", "--cluster",
-                 cluster.scheduler.address, "--json")
+                 session_cluster.scheduler.address, "--json")
     summary = one_json_object(result)
     assert summary["command"] == "degrade" and summary["output"] == str(out) and summary["blocks"] >= 1
     assert summary["reference_intensity"] > 0 and "wrote" in result.stderr
 
 
-def test_train_json(data, cluster, tmp_path):
+def test_train_json(data, session_cluster, tmp_path):
     out = tmp_path / "m.pt"
     result = cli("train", "--target", data / "clean.ome.zarr", "--degrade", "poisson:photons=10,read=1,seed=1",
                  "--preset", "tiny-2d", "--patch", 1, 16, 16, "--batch", 2, "--val-fraction", 0.34, "--workers", 1,
-                 "--iterations", 2, "--out", out, "--cluster", cluster.scheduler.address, "--json")
+                 "--iterations", 2, "--out", out, "--cluster", session_cluster.scheduler.address, "--json")
     summary = one_json_object(result)
     assert summary["command"] == "train" and summary["output"] == str(out) and summary["iteration"] == 2
     assert summary["preset"] == "tiny-2d" and out.is_file()

@@ -56,7 +56,7 @@ def test_blend_weights_match_what_the_truth_would_choose(textured, sigma):
     assert sure.blend_weights(plan, spec, (float("nan"), float("nan")), 100.0) == (0.0, 0.0, 0.0)  # no noise model
 
 
-def test_regression_blend_through_the_cli(tiny_models, cluster, tmp_path):
+def test_regression_blend_through_the_cli(tiny_models, session_cluster, tmp_path):
     """A regression model's blend weights are chosen on the image and recorded; --blend off gives f, --blend 0.5
     gives f + 0.5 (y - f) exactly; out-of-range shares and diffusion models are refused with one line."""
     img = (synthetic.phantom((4, 32, 32), seed=3) * 200 + 20).astype(np.float32)
@@ -67,7 +67,7 @@ def test_regression_blend_through_the_cli(tiny_models, cluster, tmp_path):
     for name, extra in (("auto", []), ("off", ["--blend", "off"]), ("half", ["--blend", "0.5"])):
         out = tmp_path / f"{name}.ome.zarr"
         result = cli("restore", src, out, "--model", tiny_models("regression"), "--tile", 1, 32, 32, "--overlap",
-                     4, "--cluster", cluster.scheduler.address, "--overwrite", *extra)
+                     4, "--cluster", session_cluster.scheduler.address, "--overwrite", *extra)
         assert result.exit_code == 0, (result.output, result.exception)
         runs[name] = np.asarray(ngff.open_level(str(out), 0)[...], np.float64)
         runs[name + "_share"] = ngff.read_info(str(out)).provenance["parameters"]["model"]["options"]["blend"]
