@@ -121,6 +121,8 @@ def sh(cmd: list[str], log: Path | None = None, check: bool = True) -> tuple[int
         log.write_text(out)
     lines = [ln for ln in out.splitlines() if ln.strip() and "dashboard" not in ln.lower()]
     tail = ([ln for ln in lines if ln.startswith("error:")]
+            or ([ln.strip() for ln in lines if "Value error" in ln or ln.startswith("pydantic")][:1] if p.returncode
+                else [])  # a validation error's first cause, not pydantic's link line
             or [ln for ln in lines if re.match(r"(wrote|restored|trained|\{)", ln) or "complete:" in ln] or lines[-1:])
     print("  " + (tail[-1] if tail else "") + f"  [{wall:.1f} s, rc {p.returncode}]", flush=True)
     if check and p.returncode:
@@ -318,8 +320,11 @@ def care(vol: dict, photons: list[float], noisy_paths: dict, args, py: Path) -> 
     epochs = QUICK_CARE_EPOCHS if args.quick else CARE_EPOCHS
     extent = train_clean.shape[-dims:]
     patch = [2 ** int(math.log2(min(w, e))) for w, e in zip(want, extent)]  # CAREamics wants powers of 2
+    patch[-2:] = [min(patch[-2:])] * 2  # ... and the same size in y and x (RBC's training part is 118 x 209)
     spec = TRAIN_DEGRADE if RANGE_OK else FALLBACK_DEGRADE
-    tag = key(dims, args.iterations, patch, CARE_BATCH, CARE_COPIES, epochs, spec, CAREAMICS, TORCH_PINS, DEGRADE_KEY)
+    runner = hashlib.sha1((ROOT / "benchmarks" / "care_runner.py").read_bytes()).hexdigest()[:6]
+    tag = key(dims, args.iterations, patch, CARE_BATCH, CARE_COPIES, epochs, spec, CAREAMICS, TORCH_PINS, DEGRADE_KEY,
+              runner)
     d = vol["dir"] / f"care-{tag}"
     d.mkdir(exist_ok=True)
     outs = {p: d / f"pred_p{p:g}.npy" for p in photons}
@@ -690,7 +695,8 @@ def figure(results: dict, path: Path, kmax: int) -> str | None:
     # The run's own DDPM-avg, else the shipped diffusion model's (its K in the title); methods the run did not
     # compute get no panel, except CARE (n/a says it failed or was not run).
     ddpm = next((m for m in (f"ddpm{kmax}", "default_ddpm8", "default_ddpm") if m in rows), f"ddpm{kmax}")
-    ddpm_title = (rows[ddpm]["label"].replace("default-diffusion", "DDPM-avg") if ddpm.startswith("default")
+    shipped = ddpm.startswith("default")
+    ddpm_title = (rows[ddpm]["label"].replace("default-diffusion", "DDPM-avg") + ", untrained" if shipped
                   else f"DDPM-avg K={kmax}")
     panels = [("raw", "raw"), ("BM4D", "bm4d"), ("CARE", "care"), ("regression", "regression"),
               ("fine-tuned default", "finetune"), (ddpm_title, ddpm), ("truth", None), ("std", "std")]
