@@ -89,8 +89,8 @@ METHODS = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", "ddpm", 
            "default_tta")
 EXTRA_METHODS = ("default_ddpm8", "default_1step")  # only when asked for
 SHIPPED_ONLY = ("default_regression", "default_ddpm")  # one of the two runs "default" asks for
-ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune",
-         *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})), "ancestral", "default", "default_ddpm", "default_ddpm8", "default_1step", "default_tta")
+ORDER = ("raw", "gaussian", "bm4d", "care", "regression", "finetune", *(f"ddpm{k}" for k in sorted({*KS, *QUICK_KS})),
+         "ancestral", "default", "default_ddpm", "default_ddpm8", "default_1step", "default_tta")
 
 
 def key(*parts) -> str:
@@ -102,6 +102,7 @@ def key(*parts) -> str:
 CODE_KEY = hashlib.sha1(b"".join(f.read_bytes() for f in sorted((ROOT / "src" / "volrestore").rglob("*.py")))
                         ).hexdigest()[:10]
 DEGRADE_KEY = hashlib.sha1((ROOT / "src" / "volrestore" / "simulate" / "degrade.py").read_bytes()).hexdigest()[:6]
+CARE_RUNNER_KEY = hashlib.sha1((ROOT / "benchmarks" / "care_runner.py").read_bytes()).hexdigest()[:6]  # CARE's cache
 
 
 def photon_range(spec: str) -> tuple[float, float]:
@@ -322,9 +323,8 @@ def care(vol: dict, photons: list[float], noisy_paths: dict, args, py: Path) -> 
     patch = [2 ** int(math.log2(min(w, e))) for w, e in zip(want, extent)]  # CAREamics wants powers of 2
     patch[-2:] = [min(patch[-2:])] * 2  # ... and the same size in y and x (RBC's training part is 118 x 209)
     spec = TRAIN_DEGRADE if RANGE_OK else FALLBACK_DEGRADE
-    runner = hashlib.sha1((ROOT / "benchmarks" / "care_runner.py").read_bytes()).hexdigest()[:6]
     tag = key(dims, args.iterations, patch, CARE_BATCH, CARE_COPIES, epochs, spec, CAREAMICS, TORCH_PINS, DEGRADE_KEY,
-              runner)
+              CARE_RUNNER_KEY)
     d = vol["dir"] / f"care-{tag}"
     d.mkdir(exist_ok=True)
     outs = {p: d / f"pred_p{p:g}.npy" for p in photons}
@@ -693,7 +693,7 @@ def figure(results: dict, path: Path, kmax: int) -> str | None:
     truth = read(Path(vols[name]["truth"]))
     load = lambda f: np.load(f) if f.endswith(".npy") else read(Path(f))  # noqa: E731
     # The run's own DDPM-avg, else the shipped diffusion model's (its K in the title); methods the run did not
-    # compute get no panel, except CARE (n/a says it failed or was not run).
+    # compute get no panel, except CARE and the DDPM-avg with its std (n/a: failed or not run).
     ddpm = next((m for m in (f"ddpm{kmax}", "default_ddpm8", "default_ddpm") if m in rows), f"ddpm{kmax}")
     shipped = ddpm.startswith("default")
     ddpm_title = (rows[ddpm]["label"].replace("default-diffusion", "DDPM-avg") + ", untrained" if shipped
