@@ -5,7 +5,9 @@ A lazily created OME-Zarr (metadata only: every chunk is missing, so reads retur
 plans it (validation, input fingerprint, tile grid, write-blocks, progress groups), then
 
 - the runner is started on a real local Dask cluster with a no-op task per progress group, and stopped after
-  `--tasks` tasks: time to the first task, tasks in flight, submission rate;
+  `--tasks` tasks: time to the first task, tasks in flight, submission rate, and the CPU this process (client and
+  scheduler) spends per task, whose inverse is the rate it sustains on a core of its own (on a real cluster the
+  workers run elsewhere; here they share the machine's cores with it);
 - progress records are written for every group (one line each) and the resume scan reads them back;
 
 and the client's peak RSS over all of it is printed. Goals (issue 14): RSS <= 1 GB, first task <= 60 s, <= 1e5
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
     result = {"voxels": voxels, "bytes": voxels * 2, "write_blocks": n_blocks, "progress_group": plan.progress_group,
               "progress_records": n_groups, "plan_s": round(t_plan, 2)}
     with connect(args.cluster, args.workers, echo=lambda *_: None) as client:
-        first, done, t_start = [], [0], time.perf_counter()
+        first, done, t_start, cpu_start = [], [0], time.perf_counter(), time.process_time()
 
         def on_result(_, __):
             if not first:
@@ -86,9 +88,14 @@ def main(argv=None) -> dict:
         except Stop:
             pass
         seconds = time.perf_counter() - t_start
+        # CPU of this process (client and, with `local`, the scheduler; every thread): what one task costs the
+        # submitting side, apart from the workers, which on a real cluster run on other machines but here share the
+        # same 2 cores. Its inverse is the rate this side sustains on one core of its own.
+        cpu_per_task = (time.process_time() - cpu_start) / max(done[0], 1)
         window = args.window or default_window(sum(client.nthreads().values()))
     result.update({"first_task_s": round(first[0], 2), "tasks_run": done[0], "tasks_per_s": round(done[0] / seconds),
-                   "tasks_in_flight": window})
+                   "tasks_in_flight": window, "client_cpu_ms_per_task": round(1e3 * cpu_per_task, 3),
+                   "client_capacity_tasks_per_s": round(1 / cpu_per_task)})
 
     if args.no_records:
         result["client_peak_rss_mb"] = round(peak_rss_mb())
