@@ -282,6 +282,46 @@ def photons_at(gain: float, intercept: float, level: float) -> float:
     return float((gain * level + intercept) / gain**2)
 
 
+
+# noise_free_median: histogram bins and EM steps. The EM is stopped early on purpose: run to convergence, the
+# maximum-likelihood density of the noise-free intensities turns into a few spikes and its median jumps by several per
+# cent of the range between 300 and 3000 steps; at 300 it is smooth and within 1-2 % of the truth at 10-30 photons
+# on the quality crops (benchmarks/README.md).
+NOISE_FREE_BINS, NOISE_FREE_STEPS = 400, 300
+
+
+def noise_free_median(values, gain: float, intercept: float) -> float:
+    """The median of the noise-free intensities under noisy voxels `values`, given their noise variance
+    gain x intensity + intercept (shot_noise_fit). Zero-mean noise keeps the mean but not the median: on a
+    fluorescence image (mostly background, a long bright tail) it pulls the median toward the mean (held-out CHO at 10
+    photons: 29.2 instead of 25 grey levels, RBC 386 instead of 350). The values' histogram is deconvolved by the
+    noise (EM for a mixing density on the histogram's bins, each noise-free bin spread as a Gaussian of the fitted
+    variance), and the median read from the result, kept within the values' own quartiles. The plain median when the
+    fit failed or shows no noise. Equivariant to gain and offset of the values (with the fit's)."""
+    from scipy.special import ndtr
+
+    v = np.asarray(values, np.float64).ravel()
+    median = float(np.median(v))
+    if not (np.isfinite(gain) and np.isfinite(intercept) and gain > 0):
+        return median
+    lo, hi = np.quantile(v, [1e-4, 1 - 1e-4])
+    if not hi > lo:
+        return median
+    edges = np.linspace(lo, hi, NOISE_FREE_BINS + 1)
+    observed = np.histogram(np.clip(v, lo, hi), edges)[0] / v.size
+    centres = (edges[:-1] + edges[1:]) / 2
+    std = np.sqrt(np.maximum(gain * centres + intercept, ((hi - lo) / NOISE_FREE_BINS) ** 2 / 4))
+    cdf = ndtr((edges[:, None] - centres[None, :]) / std[None, :])
+    cdf[0], cdf[-1] = 0.0, 1.0  # what the noise carries past the ends lands in the end bins, as the clip put it
+    spread = np.diff(cdf, axis=0)  # P(observed bin | noise-free bin)
+    density = np.full(NOISE_FREE_BINS, 1.0 / NOISE_FREE_BINS)
+    for _ in range(NOISE_FREE_STEPS):
+        density *= spread.T @ (observed / np.maximum(spread @ density, 1e-300))
+        density /= density.sum()
+    quartiles = np.quantile(v, [0.25, 0.75])
+    return float(np.clip(np.interp(0.5, np.cumsum(density), centres), *quartiles))
+
+
 def shot_noise_fit(image, bins: int = 16) -> tuple[float, float]:
     """(gain, intercept) of the straight line noise variance = gain x intensity + intercept (Poisson-Gaussian: gain =
     intensity units per photon, intercept = gain² x read² - gain x offset); NaNs when there is too little to fit.
