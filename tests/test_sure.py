@@ -33,8 +33,9 @@ def textured(tmp_path_factory):
 def test_blend_weights_match_what_the_truth_would_choose(textured, sigma):
     """f = a Gaussian filter. Below LET_MIN_PHOTONS only the input's share is fitted: SURE, without the truth but
     with the noise model (Poisson in photon units: variance = 1 x intensity + 0), finds the share least squares
-    against the truth picks, within 0.05. Above it all weights are fitted: the blended output's error is within 2 %
-    of the truth-chosen weights' and below f's. A restorer that returns its input gets nothing back."""
+    against the truth picks, within 0.05. Above it all weights are fitted: the blended output's error is within 7 %
+    of the truth-chosen weights' (all 5; below what any weights of the 3 in-plane candidates reach) and below f's. A
+    restorer that returns its input gets nothing back."""
     path, truth, noisy = textured
     plan, spec = planning.plan(path, model=f"gaussian:sigma={sigma}", tile=[32, 32, 32], overlap=8)
     f = ndimage.gaussian_filter(noisy, sigma, mode="reflect")
@@ -43,17 +44,25 @@ def test_blend_weights_match_what_the_truth_would_choose(textured, sigma):
     assert 0 < share[0] < 1 and share[0] == pytest.approx(oracle, abs=0.05) and not any(share[1:])
 
     weights = sure.blend_weights(plan, spec, (1.0, 0.0), photons=100.0)
-    candidates = [noisy - f] + [blend.smoothed(noisy[None], s)[0] - f for s in blend.BLEND_SIGMAS]
-    a = np.stack([c.ravel() for c in candidates], axis=1)
-    best = np.linalg.lstsq(a, (truth - f).ravel(), rcond=None)[0]
+    z = blend.z_averaged(noisy[None], 0)  # a 3D restorer: its tiles' own planes give the z candidates
+    candidates = blend.candidates(noisy[None], z)
+
+    def best(use):  # the weights of candidates `use` least squares against the truth picks, the others 0
+        a = np.stack([(candidates[j][0] - f).ravel() for j in use], axis=1)
+        w = np.zeros(blend.N_WEIGHTS)
+        w[list(use)] = np.linalg.lstsq(a, (truth - f).ravel(), rcond=None)[0]
+        return w
 
     def mse(w):
-        return np.mean((blend.blend(f[None], noisy[None], w)[0] - truth) ** 2)
+        return np.mean((blend.blend(f[None], noisy[None], w, z)[0] - truth) ** 2)
 
-    assert mse(weights) <= 1.02 * mse(best) and mse(weights) < mse((0.0, 0.0, 0.0))
+    assert len(weights) == blend.N_WEIGHTS == 5
+    assert mse(weights) <= 1.07 * mse(best(range(5))) and mse(weights) < mse((0.0,) * blend.N_WEIGHTS)
+    assert mse(weights) < mse(best(range(3)))  # the z candidates earn their place: no in-plane weights do as well
     identity, ispec = planning.plan(path, model="identity", tile=[32, 32, 32], overlap=8)
-    assert sure.blend_weights(identity, ispec, (1.0, 0.0), 100.0) == (0.0, 0.0, 0.0)  # nothing to give back
-    assert sure.blend_weights(plan, spec, (float("nan"), float("nan")), 100.0) == (0.0, 0.0, 0.0)  # no noise model
+    zero = (0.0,) * blend.N_WEIGHTS
+    assert sure.blend_weights(identity, ispec, (1.0, 0.0), 100.0) == zero  # nothing to give back
+    assert sure.blend_weights(plan, spec, (float("nan"), float("nan")), 100.0) == zero  # no noise model
 
 
 def test_regression_blend_through_the_cli(tiny_models, session_cluster, tmp_path):
@@ -71,8 +80,8 @@ def test_regression_blend_through_the_cli(tiny_models, session_cluster, tmp_path
         assert result.exit_code == 0, (result.output, result.exception)
         runs[name] = np.asarray(ngff.open_level(str(out), 0)[...], np.float64)
         runs[name + "_share"] = ngff.read_info(str(out)).provenance["parameters"]["model"]["options"]["blend"]
-    assert runs["off_share"] == [0.0, 0.0, 0.0] and runs["half_share"] == [0.5, 0.0, 0.0]
-    assert len(runs["auto_share"]) == 3 and not np.allclose(runs["auto"], runs["off"])
+    assert runs["off_share"] == [0.0] * 5 and runs["half_share"] == [0.5, 0.0, 0.0, 0.0, 0.0]
+    assert len(runs["auto_share"]) == 5 and not np.allclose(runs["auto"], runs["off"])
     np.testing.assert_allclose(runs["half"], runs["off"] + 0.5 * (noisy - runs["off"]), rtol=1e-5, atol=1e-3)
     assert_user_error(cli("restore", src, tmp_path / "x.ome.zarr", "--model", tiny_models("regression"),
                           "--blend", "2"), tmp_path / "x.ome.zarr", contains="--blend must be")

@@ -224,9 +224,9 @@ def _print_info(info):
                    "16 with z flips for 2.5D/3D nets): N network evaluations per voxel for a more accurate mean.")
 @click.option("--blend", default=None, metavar="auto|off|SHARE",
               help="Model option (one-pass regression models, e.g. the shipped default): auto (default) blends the "
-                   "restoration with the input and two smoothed inputs, weights chosen on this image by SURE "
-                   "(Stein's unbiased risk estimate) on two sampled 256² regions and recorded; off: the network's output; "
-                   "SHARE: f + SHARE (input - f).")
+                   "restoration with the input, two in-plane smoothings and two averages over neighbouring "
+                   "planes of it, weights chosen on this image by SURE (Stein's unbiased risk estimate) on two "
+                   "sampled 256² regions and recorded; off: the network's output; SHARE: f + SHARE (input - f).")
 @click.option("--photons", type=float, default=None,
               help="Model option (models conditioned on the noise level, e.g. the shipped default): photons at the "
                    "image's bright intensity, if you know them; measured on the image otherwise.")

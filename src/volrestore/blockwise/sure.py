@@ -6,7 +6,7 @@ import numpy as np
 import zarr
 
 from volrestore.blockwise.grid import AxisGrid, Grid, fitted_tile
-from volrestore.model.blend import BLEND_SIGMAS, N_WEIGHTS, centre_tap, smoothed
+from volrestore.model.blend import N_WEIGHTS, candidates, taps, z_averaged
 from volrestore.model.restorer import restorer_for
 
 # Regions sampled for the estimate: cut on a grid of their own (REGION voxels per axis the model tiles, no overlap,
@@ -24,15 +24,16 @@ LET_MIN_PHOTONS = 8.0
 
 
 def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, seed: int = 0) -> tuple[float, ...]:
-    """Weights w (the input's, then each of BLEND_SIGMAS') minimising Stein's unbiased risk estimate of
-    out = model.blend.blend(f, y, w): f the restorer `spec` (no blend of its own), y the input, g_j the candidates
-    (y and its smoothed copies), per-voxel noise variance v = gain y + intercept (`noise_fit`, metrics.shot_noise_fit:
-    E[gain y + intercept] is the true variance), `photons` the image's level. With R_j = g_j - f, SURE(w) =
-    |y - f - sum w_j R_j|² - sum v + 2 sum v d(out)/dy is quadratic: M w = r - c with M_jk = <R_j, R_k>, r_j =
-    <y - f, R_j>, c_j = tap_j V - D (V = sum v, D = sum v df/dy by one perturbed evaluation, eps b with b ~ N(0, 1),
-    tap_j the candidate's own divergence). Below LET_MIN_PHOTONS only the input's weight is fitted, in [0, 1]. Sums
-    run over the inner voxels of SURE_REGIONS sampled regions (independent of the run's tiles); deterministic given
-    input, model and seed; rounded to 3 decimals as recorded."""
+    """Weights w (in model.blend.candidates' order) minimising Stein's unbiased risk estimate of
+    out = model.blend.blend(f, y, w, z): f the restorer `spec` (no blend of its own), y the input, g_j the candidates
+    (y, its in-plane smoothings, its z average alone and smoothed; a 2D model has no z ones: weight 0), per-voxel
+    noise variance v = gain y + intercept (`noise_fit`, metrics.shot_noise_fit: E[gain y + intercept] is the true
+    variance), `photons` the image's level. With R_j = g_j - f, SURE(w) = |y - f - sum w_j R_j|² - sum v
+    + 2 sum v d(out)/dy is quadratic: M w = r - c with M_jk = <R_j, R_k>, r_j = <y - f, R_j>, c_j = sum v tap_j - D
+    (tap_j the candidate's own weight on each voxel, model.blend.taps; D = sum v df/dy by one perturbed evaluation,
+    eps b with b ~ N(0, 1)). Below LET_MIN_PHOTONS only the input's weight is fitted, in [0, 1]. Sums run over the
+    inner voxels of SURE_REGIONS sampled regions (independent of the run's tiles); deterministic given input, model
+    and seed; rounded to 3 decimals as recorded."""
     gain, intercept = noise_fit
     zero = (0.0,) * N_WEIGHTS
     if not (np.isfinite(gain) and gain > 0):
@@ -44,20 +45,27 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     fixed = {d: src.shape[d] // 2 for d in plan.other_axes}  # the middle time point etc.
     n = grid.n_tiles
     picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
-    k = N_WEIGHTS
-    m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(2)  # M, r, (V, D)
+    usable = [j for j, t in enumerate(taps(restorer.z_context, restorer.spatial_dims, 1)) if t is not None]
+    k = len(usable)
+    m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(k + 1)  # M, r, (tap-weighted V per candidate, D)
     for flat in picks:
         tm, tr, tvd = _region_sums(plan, grid, restorer, src, spatial, fixed, np.unravel_index(flat, grid.counts),
-                                   gain, intercept, np.random.default_rng([SURE_SEED, seed, flat]), seed)
+                                   gain, intercept, np.random.default_rng([SURE_SEED, seed, flat]), seed, usable)
         m, r, vd = m + tm, r + tr, vd + tvd
-    v, d = vd
+    tv, d = vd[:-1], vd[-1]  # tv[0] = V, the summed noise variance (the input's own tap is 1)
+    v = tv[0]
     if m[0, 0] <= 0:
         return zero  # f is the input: nothing to give back
     if not photons >= LET_MIN_PHOTONS:
         return (round(float(np.clip((r[0] - (v - d)) / m[0, 0], 0.0, 1.0)), 3), *zero[1:])
-    c = np.array([v - d] + [centre_tap(s) * v - d for s in BLEND_SIGMAS])
+    c = tv - d
     w = np.linalg.lstsq(m, r - c, rcond=1e-10)[0]
-    return tuple(round(float(x), 3) for x in w) if np.all(np.isfinite(w)) else zero
+    if not np.all(np.isfinite(w)):
+        return zero
+    weights = [0.0] * N_WEIGHTS
+    for j, x in zip(usable, w):
+        weights[j] = round(float(x), 3)
+    return tuple(weights)
 
 
 def _region_grid(grid, multiple: int):
@@ -74,7 +82,7 @@ def _region_grid(grid, multiple: int):
     return Grid(tuple(axes))
 
 
-def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed):
+def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed, usable):
     """(M, r, (V, D)) of one region: its input read with its context (reflected as the block tasks read it),
     restored as is and perturbed in the same call."""
     ranges = [range(int(kk), int(kk) + 1) for kk in k]
@@ -105,8 +113,17 @@ def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, 
             ok &= (pos >= start + MARGIN) | (start <= 0)
             ok &= (pos < start + ax.tile - MARGIN) | (start + ax.tile >= ax.size)
         inner &= ok.reshape([-1 if e == d else 1 for e in range(len(grid.axes))])
-    residuals = [y - f] + [smoothed(y[None], s)[0] - f for s in BLEND_SIGMAS]
-    rr = [x[inner] for x in residuals]
+    # The z average as the restorer forms it from the same planes: a 2.5D region's context planes, a 3D region's own.
+    z = None
+    if restorer.z_context:  # (1 + 2c, Y, X) -> the own plane's average (1, Y, X), then its own lateral voxels
+        z = z_averaged(region[index][None], restorer.z_context)[(slice(None), *own[1:])]
+    elif restorer.spatial_dims == 3:
+        z = z_averaged(region[index][None], 0)[0][own]
+    every = candidates(y[None], None if z is None else z[None])
+    rr = [(every[j][0] - f)[inner] for j in usable]
     m = np.array([[np.dot(a, b2) for b2 in rr] for a in rr])
     r = np.array([np.dot(rr[0], x) for x in rr])
-    return m, r, np.array([v[inner].sum(), np.sum((bc * v * (f2 - f))[inner]) / eps])
+    tap = taps(restorer.z_context, restorer.spatial_dims, y.shape[0])
+    per_plane = [np.broadcast_to(np.reshape(tap[j], (-1,) + (1,) * (y.ndim - 1)), y.shape) for j in usable]
+    tv = [np.sum((v * t)[inner]) for t in per_plane]
+    return m, r, np.array([*tv, np.sum((bc * v * (f2 - f))[inner]) / eps])
