@@ -43,13 +43,14 @@ def test_quick_lightsheet_example(tmp_path):
     assert json.loads((figs / "results.json").read_text())["quick"] is True
     assert list(result["budgets"]) == list(example.QUICK_BUDGETS) == ["p5"]  # the full run adds 20 photons
     work = tmp_path / "work"
-    for name in ("degraded", "gaussian", "regression", "diffusion_K1", "diffusion_K2", "diffusion_K2.std"):
+    for name in ("degraded", "gaussian", "default", "regression", "diffusion_K1", "diffusion_K2", "diffusion_K2.std"):
         assert (work / "p5" / f"{name}.ome.zarr" / "zarr.json").is_file(), name
     summary = {k: v["psnr"] for k, v in result["budgets"]["p5"]["summary"].items()}
     # Even the 60-iteration CI models improve on the noisy input at 5 photons, and averaging K = 2 samples beats one
     # (measured, dB: input 10.2, regression 20.4, DDPM-avg K = 2 12.8, one sample 11.3; the full run's 300 iterations
     # give 24.9 and, with K = 4, 21.0). Results are seeded, so these margins do not flicker.
     assert summary["regression"] > summary["degraded"] + 5, summary
+    assert summary["default"] > summary["gaussian"], summary  # the shipped model, nothing trained: above the blur
     assert summary["diffusion_K2"] > summary["degraded"] + 1, summary
     assert summary["diffusion_K2"] > summary["diffusion_K1"] + 0.5, summary
     assert 0.0 <= result["budgets"]["p5"]["calibration_2std"] <= 1.0
