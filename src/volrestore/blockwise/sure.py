@@ -83,8 +83,8 @@ def _region_grid(grid, multiple: int):
 
 
 def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed, usable):
-    """(M, r, (V, D)) of one region: its input read with its context (reflected as the block tasks read it),
-    restored as is and perturbed in the same call."""
+    """(M, r, (sum v·tap_j for each usable candidate j, D)) of one region: its input read with its context (reflected
+    as the block tasks read it), restored as is and perturbed in the same call."""
     ranges = [range(int(kk), int(kk) + 1) for kk in k]
     read = [ax.read_range(rr) for ax, rr in zip(grid.axes, ranges)]
     it = iter(read)
@@ -123,7 +123,10 @@ def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, 
     rr = [(every[j][0] - f)[inner] for j in usable]
     m = np.array([[np.dot(a, b2) for b2 in rr] for a in rr])
     r = np.array([np.dot(rr[0], x) for x in rr])
-    tap = taps(restorer.z_context, restorer.spatial_dims, y.shape[0])
-    per_plane = [np.broadcast_to(np.reshape(tap[j], (-1,) + (1,) * (y.ndim - 1)), y.shape) for j in usable]
-    tv = [np.sum((v * t)[inner]) for t in per_plane]
+    # Each candidate's own weight per voxel: a number, or per plane of the 3D region as it was filtered (then cut to
+    # its own planes like y).
+    tap = taps(restorer.z_context, restorer.spatial_dims, region[index].shape[0])
+    per_voxel = [np.broadcast_to(np.reshape(tap[j] if np.ndim(tap[j]) == 0 else tap[j][own[0]],
+                                            (-1,) + (1,) * (y.ndim - 1)), y.shape) for j in usable]
+    tv = [np.sum((v * t)[inner]) for t in per_voxel]
     return m, r, np.array([*tv, np.sum((bc * v * (f2 - f))[inner]) / eps])
