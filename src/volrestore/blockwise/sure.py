@@ -6,7 +6,7 @@ import numpy as np
 import zarr
 
 from volrestore.blockwise.grid import AxisGrid, Grid, fitted_tile
-from volrestore.model.blend import N_WEIGHTS, candidates, taps, z_averaged
+from volrestore.model.blend import BLEND_SIGMAS, N_WEIGHTS, candidates, has_planes, taps, z_averaged
 from volrestore.model.restorer import restorer_for
 
 # Regions sampled for the estimate: cut on a grid of their own (REGION voxels per axis the model tiles, no overlap,
@@ -45,7 +45,8 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     fixed = {d: src.shape[d] // 2 for d in plan.other_axes}  # the middle time point etc.
     n = grid.n_tiles
     picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
-    usable = [j for j, t in enumerate(taps(restorer.z_context, restorer.spatial_dims, 1)) if t is not None]
+    # the candidates this model can form: all, or without the z ones for a 2D model
+    usable = list(range(N_WEIGHTS if has_planes(restorer.z_context, restorer.spatial_dims) else 1 + len(BLEND_SIGMAS)))
     k = len(usable)
     m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(k + 1)  # M, r, (tap-weighted V per candidate, D)
     for flat in picks:
@@ -117,7 +118,7 @@ def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, 
     z = None
     if restorer.z_context:  # (1 + 2c, Y, X) -> the own plane's average (1, Y, X), then its own lateral voxels
         z = z_averaged(region[index][None], restorer.z_context)[(slice(None), *own[1:])]
-    elif restorer.spatial_dims == 3:
+    elif has_planes(0, restorer.spatial_dims):  # a 3D region: every plane's average, then its own voxels
         z = z_averaged(region[index][None], 0)[0][own]
     every = candidates(y[None], None if z is None else z[None])
     rr = [(every[j][0] - f)[inner] for j in usable]

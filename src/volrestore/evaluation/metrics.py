@@ -282,7 +282,6 @@ def photons_at(gain: float, intercept: float, level: float) -> float:
     return float((gain * level + intercept) / gain**2)
 
 
-
 # noise_free_median: histogram bins and EM steps. The EM is stopped early on purpose: run to convergence, the
 # maximum-likelihood density of the noise-free intensities turns into a few spikes and its median jumps by several per
 # cent of the range between 300 and 3000 steps; at 300 it is smooth and within 1-2 % of the truth at 10-30 photons

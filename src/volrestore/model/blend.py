@@ -22,6 +22,12 @@ def smoothed(y: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(y, (0,) * (y.ndim - 2) + (sigma, sigma), mode="reflect")
 
 
+def has_planes(context: int, spatial_dims: int) -> bool:
+    """Whether a model's tiles bring the planes the z candidates average: a 2.5D tile's context planes or a 3D tile's
+    own; a 2D model's tiles have none, so its z weights stay 0."""
+    return bool(context) or spatial_dims == 3
+
+
 def z_kernel(radius: int = Z_RADIUS) -> np.ndarray:
     """The plane weights of the z average: a Gaussian of Z_SIGMA planes over offsets -radius..radius, summing to 1."""
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -73,7 +79,7 @@ def taps(context: int, spatial_dims: int, planes: int = 0) -> list:
     kernel onto a plane near them); None for a candidate this model cannot form (no planes around a 2D model's tiles).
     A 2.5D tile's own plane is one of its context planes only where the volume ends mirror them onto it: ignored."""
     lateral = [1.0] + [centre_tap(s) for s in BLEND_SIGMAS]
-    if not context and spatial_dims < 3:
+    if not has_planes(context, spatial_dims):
         return lateral + [None, None]
     if context:
         k = z_kernel(min(context, Z_RADIUS))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from volrestore.model import diffusion as dfn
-from volrestore.model.blend import N_WEIGHTS, blend, z_averaged
+from volrestore.model.blend import N_WEIGHTS, blend, has_planes, z_averaged
 from volrestore.model import nets
 from volrestore.model import noise
 from volrestore.errors import UserError
@@ -345,8 +345,8 @@ class DiffusionRestorer:
         mean = runs.mean(axis=1)
         if any(self.blend):  # with the tile's own input voxels (a 2.5D tile's centre slice): model.blend
             own = np.asarray(tiles, np.float64)[:, c] if c else np.asarray(tiles, np.float64).reshape(mean.shape)
-            planes = c or self.spatial_dims == 3  # a 2.5D tile's context planes, a 3D tile's own: the z candidates
-            z = z_averaged(tiles, c).reshape(mean.shape) if planes and any(self.blend[3:]) else None
+            planes = has_planes(c, self.spatial_dims) and any(self.blend[3:])  # the z candidates are weighted
+            z = z_averaged(tiles, c).reshape(mean.shape) if planes else None
             mean = blend(mean, own, self.blend, z)
         mean = mean.astype(np.float32)
         if "std" in self.outputs:
