@@ -436,7 +436,7 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
 
 
 def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=None, steps=None, std=False,
-            cluster="local", tta=None):
+            cluster="local", tta=None, blend=None):
     """`volrestore restore`; returns (output path, std path or None, wall s), cached next to the input by tag."""
     out = noisy_path.parent / f"{noisy_path.name[:-len('.ome.zarr')]}-{tag}.ome.zarr"
     std_path = out.parent / out.name.replace(".ome.zarr", ".std.ome.zarr")
@@ -445,7 +445,8 @@ def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=Non
         cmd = ["volrestore", "restore", noisy_path, out, "--model", model, "--overwrite", "--cluster", cluster]
         if cluster == "local":
             cmd += ["--workers", str(RESTORE_WORKERS)]
-        for flag, v in (("--samples", samples), ("--sampler", sampler), ("--steps", steps), ("--tta", tta)):
+        for flag, v in (("--samples", samples), ("--sampler", sampler), ("--steps", steps), ("--tta", tta),
+                        ("--blend", blend)):
             if v is not None:
                 cmd += [flag, str(v)]
         if std:

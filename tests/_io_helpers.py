@@ -1,6 +1,8 @@
 """Shared helpers for the OME-Zarr in/out tests: run the CLI, check user errors, validate and read back images."""
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -48,3 +50,18 @@ def transforms(metadata, level=0):
     """(scale, translation) of one level from Reader metadata."""
     ts = {t["type"]: t for t in metadata["coordinateTransformations"][level]}
     return ts["scale"]["scale"], ts.get("translation", {}).get("translation")
+
+
+def tree_hash(root: Path) -> str:
+    """A hash of every name, file's bytes and link target under root (links are not followed)."""
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = Path(folder) / name
+            h.update(str(p.relative_to(root)).encode() + b"\0")
+            if p.is_symlink():
+                h.update(b"-> " + os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()

@@ -6,7 +6,6 @@ this process (click's CliRunner) unless it needs a real process (block failures 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from _io_helpers import cli
+from _io_helpers import cli, tree_hash
 
 from volrestore.io import images
 
@@ -128,21 +127,6 @@ def inputs(tmp_path_factory):
     if os.geteuid() == 0:
         subprocess.run(["chattr", "-i", str(d / "read-only")], capture_output=True)
     (d / "read-only").chmod(0o755)
-
-
-def tree_hash(root: Path) -> str:
-    """A hash of every name, file's bytes and link target under root (links are not followed)."""
-    h = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            p = Path(folder) / name
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-            if p.is_symlink():
-                h.update(b"-> " + os.readlink(p).encode())
-            elif p.is_file():
-                h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def complete_outputs(root: Path) -> list[str]:
@@ -314,6 +298,13 @@ CASES = {
                           "cannot parse degradation"),
     "train-zero-size": Case("train --target {d}/zero-size.ome.zarr --preset tiny-2d --out {out}/m.pt "
                             "--degrade poisson:photons=5", "axis of size 0"),
+    # distill: checked before the teacher's restore writes its targets
+    "distill-teacher-regression": Case(f"distill {IMG} --out {{out}}/s.pt --teacher default-regression",
+                                       "already one evaluation"),
+    "distill-teacher-missing": Case(f"distill {IMG} --out {{out}}/s.pt --teacher {{d}}/nope.pt", "not found"),
+    "distill-input-missing": Case("distill {d}/nope.ome.zarr --out {out}/s.pt", "does not exist"),
+    "distill-out-exists": Case(f"distill {IMG} --out {{d}}/notes.txt", "--resume"),
+    "distill-samples": Case(f"distill {IMG} --out {{out}}/s.pt --samples 0", "--samples"),
     # models, demo
     "models-missing": Case("models {d}/nope", "does not exist"),
     "demo-file": Case("demo {d}/notes.txt", "is a file"),

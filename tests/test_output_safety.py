@@ -188,6 +188,32 @@ def test_failed_fresh_run_leaves_no_output_folder(addr, tmp_path):
 # ----------------------------------------------------------------------------------------------- resume
 
 
+def test_relative_paths_work_on_a_cluster_whose_workers_run_elsewhere(addr, monkeypatch, tmp_path):
+    """Workers of a remote or batch cluster start in other folders, and a user resumes from another folder: the
+    images and the checkpoint given by relative paths reach the workers (and provenance) as absolute paths."""
+    import shutil
+
+    from volrestore.model.diffusion_restorer import default_model_path
+
+    shutil.copy(default_model_path("regression"), tmp_path / "m.pt")
+    src = tmp_path / "in.ome.zarr"
+    write_image(src, np.random.default_rng(2).random((2, 32, 32), dtype=np.float32), axes="zyx")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = ["--cluster", addr, "--blend", "off", "--tile", 1, 32, 32, "--overlap", 8]
+    result = cli("restore", "in.ome.zarr", "out.ome.zarr", "--model", "m.pt", *args)
+    assert result.exit_code == 0, result.stderr
+    model = ngff.read_info(tmp_path / "out.ome.zarr").provenance["parameters"]["model"]
+    assert model["name"] == str(tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path / "sub")
+    result = cli("restore", "../in.ome.zarr", "../out.ome.zarr", "--model", "../m.pt", *args, "--resume")
+    assert result.exit_code == 0 and "already complete" in result.output, result.output
+    result = cli("degrade", "../in.ome.zarr", "d.ome.zarr", "--spec", "poisson:photons=5", "--cluster", addr)
+    assert result.exit_code == 0 and ngff.read_info(tmp_path / "sub" / "d.ome.zarr").complete, result.stderr
+    result = cli("evaluate", "d.ome.zarr", "../in.ome.zarr", "--cluster", addr, "--json")
+    assert result.exit_code == 0 and '"psnr"' in result.stdout, result.stderr
+
+
 def test_resume_refuses_a_changed_input(addr, volume, tmp_path):
     data, _ = volume
     src = tmp_path / "in.ome.zarr"

@@ -489,6 +489,45 @@ def train_cmd(target, input_, degrade, preset, out, patch, z_strides, as_json, *
                                           "output": out, **summary})
 
 
+@main.command("distill")
+@click.argument("input_", metavar="INPUT", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Student checkpoint to write (e.g. student.pt).")
+@click.option("--teacher", default="default", show_default=True, metavar="MODEL",
+              help="Diffusion model whose DDPM-avg the student learns: default (= default-diffusion) or a .pt file.")
+@click.option("--samples", "-K", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples the teacher averages per voxel (its targets).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Teacher sampler steps [its default].")
+@click.option("--sampler", default=None, help="Teacher sampler: ancestral | ddim | dpmpp2m [its default].")
+@click.option("--targets", type=click.Path(), default=None,
+              help="OME-Zarr for the teacher's restoration of INPUT, kept for reuse [OUT's name + .targets.ome.zarr].")
+@click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="Write-blocks of the teacher's restore (smaller: more workers busy on a small image) [restore's].")
+@click.option("--iterations", type=int, default=None, help="Student training iterations [the preset's].")
+@click.option("--patch", nargs=3, type=int, default=None, metavar="Z Y X", help="Training patch [the preset's].")
+@click.option("--batch", type=int, default=None, help="Patches per iteration [the preset's].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [a quarter of the teacher's].")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the y axis (at its end) held out for validation.")
+@click.option("--level", type=int, default=0, show_default=True, help="Pyramid level of INPUT.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the teacher's noise and the training.")
+@click.option("--resume", is_flag=True, help="Continue: reuse finished targets, resume the student's training.")
+@click.option("--overwrite", is_flag=True, help="Start over: new targets and a new student.")
+@click.option("--cluster", default="local", show_default=True, help="local | cuda | tcp://host:port | jobqueue YAML")
+@click.option("--workers", type=int, default=None, help="Workers of the teacher's restore (default: one per core).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def distill_cmd(input_, out, patch, block, as_json, **kwargs):
+    """Distil a diffusion model's K-sample average (DDPM-avg) on the image INPUT into a student restoring in one
+    network evaluation per voxel; no clean data needed. Restore with it: `volrestore restore IN OUT --model OUT.pt`."""
+    from volrestore.model.distill import distill
+
+    started = time.perf_counter()
+    summary = distill(input_, out, patch=list(patch) if patch else None, block=list(block) if block else None,
+                      progress=show_progress(),
+                      command=command_line(), echo=_messages(as_json), **kwargs)
+    if as_json:
+        _print_summary("distill", started, {"input": input_, "output": out, **summary})
+
+
 @main.command("models")
 @click.argument("dirs", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (full hashes and training data).")

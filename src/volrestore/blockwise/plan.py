@@ -115,8 +115,10 @@ def prepare(config: RestoreConfig) -> Prepared:
         "model": ModelRef(name=spec.name, options=dict(spec.options)), "tile": tiles, "overlap": overlap,
         "chunks": [chunks_all[i] for i in sp_idx], "block": [blk[i] for i in sp_idx]})
     plan = Plan(
-        run=uuid.uuid4().hex, input=config.input, input_array=lvl.path, outputs=(),
-        progress=os.path.join(config.output, PROGRESS_DIR), axes=axes, shape=tuple(lvl.shape), block=tuple(blk),
+        # absolute paths: the workers of a remote or batch cluster do not share this process's folder
+        run=uuid.uuid4().hex, input=resolved_path(config.input), input_array=lvl.path, outputs=(),
+        progress=os.path.join(os.path.abspath(config.output), PROGRESS_DIR), axes=axes, shape=tuple(lvl.shape),
+        block=tuple(blk),
         grid=grid, seed=config.seed, batch=batch,
         dtype="float32" if config.dtype == "float32" else lvl.dtype, fill_nan=config.nan == "fill", mask=mask_plan,
         read_dtype=read_dtype, progress_group=progress_group_for(lvl.shape, blk),
@@ -345,4 +347,4 @@ def _mask_plan(mask, info, level, spatial, sp_idx):
                 "give a mask of the same field of view (any pyramid level of it)"
             )
         mapping.append(((t - mt) / ms, s / ms))  # mask index of image voxel i = offset + i * step (rounded)
-    return (mask, mlvl.path, tuple(mapping))
+    return (resolved_path(mask), mlvl.path, tuple(mapping))

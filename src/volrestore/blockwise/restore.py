@@ -160,9 +160,9 @@ def restore_group(plan: Plan, spec: RestorerSpec, first) -> dict:
 
 
 def _with_output_arrays(plan, spec, outputs: RunOutputs):
-    arrays = tuple((name, path, ngff.read_info(path).levels[0].path)
+    arrays = tuple((name, os.path.abspath(path), ngff.read_info(path).levels[0].path)
                    for name, path in zip(spec.outputs, outputs.targets))
-    return Plan(**{**plan.__dict__, "outputs": arrays, "progress": outputs.progress})
+    return Plan(**{**plan.__dict__, "outputs": arrays, "progress": os.path.abspath(outputs.progress)})
 
 
 def _build_on_workers(client, spec):

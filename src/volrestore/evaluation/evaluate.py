@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -141,7 +142,9 @@ def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_
     """
     if mode not in ("percentile", "raw"):
         raise UserError(f"unknown range rule {mode!r}; use percentile or raw")
-    p_img, r_img, m_img, s_img = _open_inputs(pred, ref, mask, std, level)
+    # absolute paths: the workers of a remote or batch cluster do not share this process's folder
+    p_img, r_img, m_img, s_img = _open_inputs(*(p if p is None else os.path.abspath(p) for p in (pred, ref, mask, std)),
+                                              level)
     run = uuid.uuid4().hex
     with connect(cluster, workers, echo=echo) as client:
         offset, scale = _reference_range(r_img, block_planes, mode, run, client, progress)

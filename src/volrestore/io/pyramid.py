@@ -6,6 +6,8 @@ Once the levels are built the data is final, so build_pyramid also sets the omer
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import zarr
 
@@ -31,7 +33,7 @@ def build_pyramid(path, client=None, window: int | None = None, progress: bool =
         factors = tuple(max(1, round(d / s)) for d, s in zip(dst.scale, src.scale))
         block = dst.shards or dst.chunks
         run_blockwise(client, _downsample_block, grid_blocks(dst.shape, block),
-                      args=(str(path), src.path, dst.path, factors), window=window, progress=progress,
+                      args=(os.path.abspath(path), src.path, dst.path, factors), window=window, progress=progress,
                       what=f"pyramid level {i + 1}", total=grid_size(dst.shape, block))
     if info.channel_names is not None:  # the image has omero metadata (volrestore writes it with channel names)
         set_omero_windows(path, display_windows(path))

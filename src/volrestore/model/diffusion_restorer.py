@@ -127,7 +127,8 @@ def resolve(ref: ModelRef) -> RestorerSpec:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
     extras = {**EXTRAS, **{k: v for k, v in options.items() if k in EXTRAS}}
-    path = model_path(name)
+    # absolute: workers of a batch cluster run elsewhere, and --resume from another folder names the same model
+    path = model_path(name).resolve()
     ck = load_checkpoint(path)
     opts["normalise"] = opts["normalise"] or own_normalise(name, ck)
     if opts["normalise"] not in ("image", "model"):

@@ -282,6 +282,17 @@ def build(preset: str | Path | dict, objective: str | None = None) -> Conditiona
     return ConditionalUNet(cfg, objective or cfg["objective"])
 
 
+def student_weights(teacher: dict, preset: dict) -> dict:
+    """A diffusion net's state dict made into the regression net of the same preset (a distilled student's start):
+    the input convolution loses the column that read the noisy sample x (the channels are condition, x, ones), the
+    rest is shared. The noise embedding then always sees the blind regression's code 0."""
+    state = dict(teacher)
+    w = state["enc.conv_in.weight"]
+    x_channel = 1 + 2 * z_context(preset)
+    state["enc.conv_in.weight"] = torch.cat([w[:, :x_channel], w[:, x_channel + 1:]], dim=1)
+    return state
+
+
 def count_params(net: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in net.parameters())

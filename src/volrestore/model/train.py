@@ -133,7 +133,9 @@ class _TrainState:
     def begin(cls, cfg: TrainConfig, normalisation: Normalisation, source, device: str,
               init=None) -> "_TrainState":
         """Fresh weights from the seed, or the state of the checkpoint `source` when it exists (resume), else the EMA
-        weights of the model `init` (fine-tuning: its optimizer state is not taken, Adam's moments start afresh)."""
+        weights of the model `init` (fine-tuning: its optimizer state is not taken, Adam's moments start afresh; a
+        diffusion model initialising a regression run gives its weights less the noisy sample's input, see
+        nets.student_weights)."""
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG state
             torch.manual_seed(_seed(cfg.seed, 0))
             net = nets.ConditionalUNet(cfg.preset, cfg.objective).to(device)
@@ -154,8 +156,11 @@ class _TrainState:
             if ck["hash"] != cfg.init:
                 raise UserError(f"--init model {init} is not the one this run was started from (hash differs): "
                                 "start again with --overwrite")
-            net.load_state_dict(ck["ema"])  # the EMA weights are the model that restores
-            ema.load_state_dict(ck["ema"])
+            weights = ck["ema"]  # the EMA weights are the model that restores
+            if ck["objective"] != cfg.objective:  # a diffusion teacher starts its regression student (distill)
+                weights = nets.student_weights(weights, cfg.preset)
+            net.load_state_dict(weights)
+            ema.load_state_dict(weights)
         return state
 
     def checkpoint(self, cfg: TrainConfig, schedule: dfn.Schedule, provenance, iteration: int) -> dict:

@@ -93,7 +93,7 @@ def sampler_for(data: TrainData) -> PatchSampler:
 def train_image(target, out, *, input=None, degrade=None, preset=None, iterations=None, patch=None, batch=None,
                 val_fraction=0.1, objective=None, level=0, seed=0, lr=None, noise_balance=0.0, checkpoint_every=None,
                 z_strides=None, condition=None, init=None, resume=False, overwrite=False, cluster="local",
-                workers=1, echo=print, progress=True, command=None) -> dict:
+                workers=1, echo=print, progress=True, command=None, student=False, provenance=None) -> dict:
     """Train a model on OME-Zarr data through a Dask cluster and write the checkpoint `out`; returns a summary.
 
     Paired (`input` = a registered low-quality image) or self-supervised from a clean `target` with a `degrade`
@@ -103,7 +103,9 @@ def train_image(target, out, *, input=None, degrade=None, preset=None, iteration
     default a quarter of its learning rate. `patch` is (Z, Y, X) (Z 1 for a 2D preset) or the preset's own sizes.
     `batch` is per worker: with `workers` = N > 1 the loop runs under DDP on N distinct workers and the global batch
     is N·batch, so N workers train exactly what one worker with batch N·batch would. Everything is validated before
-    the cluster starts; nothing is written on a UserError. `cluster` is a spec or a Client.
+    the cluster starts; nothing is written on a UserError. `cluster` is a spec or a Client. `student`: `init` is a
+    diffusion model whose one-evaluation regression student this run trains (model.distill); `provenance`: more
+    fields recorded in the checkpoint's provenance.
     """
     out, workers = Path(out), 1 if workers is None else workers
     for name, value in (("--workers/--gpus", workers), ("--iterations", iterations), ("--batch", batch),
@@ -114,7 +116,7 @@ def train_image(target, out, *, input=None, degrade=None, preset=None, iteration
     if condition not in (None, "none", "photons"):
         raise UserError(f"--condition must be none or photons, got {condition!r}")
     if init is not None:
-        init, recipe, init_norm = _init_model(init, preset, objective, condition, lr)
+        init, recipe, init_norm = _init_model(init, preset, objective, condition, lr, student)
         preset_cfg = recipe["preset"]
     elif preset is None:
         raise UserError("give --preset NAME (a new network) or --init MODEL (fine-tune a trained one, e.g. default)")
@@ -136,7 +138,8 @@ def train_image(target, out, *, input=None, degrade=None, preset=None, iteration
         norm = _init_normalisation(*init_norm, target, level)
     elif source is None:
         norm = sampler.fit_normalisation()  # a few training batches on the client: the same for every rank
-    provenance = {"version": __version__, "command": command or "", "data": data.model_dump(), "workers": workers}
+    provenance = {"version": __version__, "command": command or "", "data": data.model_dump(), "workers": workers,
+                  **(provenance or {})}
     if init is not None:
         provenance["init"] = {"model": init, "hash": config.init}
     job = Job(data=data, world=workers, config=config, normalisation=norm.to_dict(), provenance=provenance,
@@ -148,10 +151,13 @@ def train_image(target, out, *, input=None, degrade=None, preset=None, iteration
 FINE_TUNE_LR = 0.25  # --init without --lr: this share of the initial model's peak learning rate
 
 
-def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict, tuple[Normalisation, bool]]:
+def _init_model(init: str, preset, objective, condition, lr, student=False) -> tuple[str, dict,
+                                                                                    tuple[Normalisation, bool]]:
     """For `--init`: what the workers open (a shipped model's name, else the absolute path), the TrainConfig fields
     the model fixes (its network, objective, schedule, condition, hash) plus the learning rate, and its Normalisation
-    with whether it restores with `normalise image`; UserError when an option given contradicts the model."""
+    with whether it restores with `normalise image`; UserError when an option given contradicts the model.
+    `student`: the model is a diffusion teacher and the run trains its blind regression student on the same
+    network (the objective becomes regression)."""
     from volrestore.model.diffusion_restorer import SHIPPED, model_path, own_normalise, shipped_name
 
     name = shipped_name(init, {})
@@ -165,6 +171,11 @@ def _init_model(init: str, preset, objective, condition, lr) -> tuple[str, dict,
         if given is not None and given != theirs[flag]:
             raise UserError(f"--init {init} was trained with {flag} {theirs[flag]}: drop {flag} {given} or train "
                             "a new model with --preset")
+    if student:
+        if ck["objective"] == "regression":
+            raise UserError(f"the teacher {init} is a regression model, already one evaluation per voxel: distil a "
+                            "diffusion model (e.g. default-diffusion)")
+        ck = {**ck, "objective": "regression", "condition": "none"}
     schedule = ck["schedule"]
     peak = lr or FINE_TUNE_LR * float((ck.get("train_config") or {}).get("lr") or
                                       ck["preset"].get("train", {}).get("lr", 2e-4))

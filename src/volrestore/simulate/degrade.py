@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import product
@@ -178,8 +179,9 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
     total = grid_size(lvl.shape, unit)
     parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
+    at = {"src": os.path.abspath(src), "out": os.path.abspath(out)}  # what workers open: they start in other folders
     with connect(cluster, workers, echo=echo) as client:
-        _, _, (ref,) = metrics.run_percentiles(partial(_read_block, str(src), lvl.path),
+        _, _, (ref,) = metrics.run_percentiles(partial(_read_block, at["src"], lvl.path),
                                                lambda: grid_blocks(lvl.shape, chunks), q=(99.9,), client=client,
                                                progress=progress, what="the clean image",
                                                total=grid_size(lvl.shape, chunks))
@@ -187,7 +189,7 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
                           translation=lvl.translation, chunks=chunks, shards=shards, version=info.version,
                           n_levels=len(info.levels) - level, channel_names=info.channel_names,
                           provenance=ngff.make_provenance(parameters, command), overwrite=overwrite)
-        job = DegradeJob(str(src), lvl.path, str(out), ngff.read_info(out).levels[0].path, deg, ref, spatial,
+        job = DegradeJob(at["src"], lvl.path, at["out"], ngff.read_info(out).levels[0].path, deg, ref, spatial,
                          out_dtype.str)
         run_blockwise(client, degrade_block, grid_blocks(lvl.shape, unit, _degrade_halo(deg, names)), args=(job,),
                       progress=progress, what="degrading", total=total)
