@@ -3,6 +3,10 @@ first use, so `pytest -m "not slow"` pays only for the ones its tests need)."""
 
 import pytest
 
+from volrestore.cluster.client import keep_freed_memory
+
+keep_freed_memory()  # the in-process training and restores of the tests reuse freed memory as the workers do
+
 # The tiny-2.5d models (tests/test_tiling.py, tests/test_train.py): trained on phantom 3, degraded as below.
 TINY_DEGRADE = "poisson:photons=10,read=1"
 # Fewer iterations fail tests/test_tiling.py's comparison with the best Gaussian filter (measured against it: edm 300
