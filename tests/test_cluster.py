@@ -50,8 +50,12 @@ def test_unreachable_scheduler_times_out_with_a_clear_message(image, tmp_path, m
 
 def test_local_clusters_get_one_thread_per_worker_and_bounded_failures(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # (a nanny started here earlier may have exported ours)
     config = cluster_client._worker_config(1)
     assert config["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == "1"
     assert config["distributed.scheduler.allowed-failures"] == cluster_client.ALLOWED_FAILURES
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting wins
     assert cluster_client._worker_config(1)["distributed.nanny.pre-spawn-environ"]["OMP_NUM_THREADS"] == "3"
+    assert config["distributed.nanny.pre-spawn-environ"]["MALLOC_ARENA_MAX"] == "1"  # one malloc arena
+    monkeypatch.setenv("VOLRESTORE_KEEP_FREED_MEMORY", "0")
+    assert "MALLOC_ARENA_MAX" not in cluster_client._worker_config(1)["distributed.nanny.pre-spawn-environ"]

@@ -13,6 +13,7 @@ import torch
 
 from _io_helpers import assert_user_error, cli
 from volrestore import write_image
+from volrestore.cluster.client import heap_environ
 from volrestore.model import memory
 from volrestore.model.diffusion_restorer import DiffusionRestorer, default_model_path
 
@@ -65,20 +66,33 @@ def test_network_memory_is_linear_in_voxels_so_two_probes_predict_a_big_tile():
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_cpu_workers_reuse_freed_memory_instead_of_faulting_it_in_again():
+def test_cpu_workers_reuse_freed_memory_instead_of_faulting_it_in_again(monkeypatch):
     """A CPU worker (pin_torch_threads) keeps the big blocks torch frees, so the next call's tensors do not fault their
-    pages in again; VOLRESTORE_KEEP_FREED_MEMORY=0 turns it off. Counted as page faults over 20 tensors of 64 MB."""
-    code = ("import resource, torch\n"
+    pages in again (VOLRESTORE_KEEP_FREED_MEMORY=0 turns it off); in a thread, as Dask runs tasks, that also needs
+    the one malloc arena that heap_environ gives worker processes. Page faults over 20 tensors of 64 MB (16384 pages
+    each)."""
+    code = ("import resource, sys, threading, torch\n"
             "from volrestore.cluster.client import freed_memory_kept, pin_torch_threads\n"
-            "pin_torch_threads()\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(20):\n"
-            "    t = torch.ones(16 * 2**20); del t\n"
-            "print(freed_memory_kept(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
-    runs = {}
-    for keep in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "VOLRESTORE_KEEP_FREED_MEMORY": keep}).stdout.split()
-        runs[keep] = (out[0] == "True", int(out[1]))
-    assert runs["0"][0] is False and runs["1"][0] is True
-    assert runs["0"][1] > 20 * 16000 * 0.9 and runs["1"][1] < runs["0"][1] / 5, runs  # 16384 pages per tensor
+            "def work():\n"
+            "    pin_torch_threads()\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    for _ in range(20):\n"
+            "        t = torch.ones(16 * 2**20); del t\n"
+            "    print(freed_memory_kept(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "if sys.argv[1] == 'main':\n"
+            "    work()\n"
+            "else:\n"
+            "    thread = threading.Thread(target=work); thread.start(); thread.join()\n")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)  # (a nanny started here earlier may have exported ours)
+
+    def faults(where, keep, arena):
+        env = {**os.environ, "VOLRESTORE_KEEP_FREED_MEMORY": keep, **(heap_environ() if arena else {})}
+        out = subprocess.run([sys.executable, "-c", code, where], capture_output=True, text=True, check=True,
+                             env=env).stdout.split()
+        assert out[0] == str(keep == "1")  # whether mallopt took effect
+        return int(out[1])
+
+    default, kept = faults("main", "0", False), faults("main", "1", False)
+    assert default > 20 * 16384 * 0.9 and kept < default / 5, (default, kept)
+    one_arena, own_arena = faults("thread", "1", True), faults("thread", "1", False)
+    assert own_arena > 20 * 16384 * 0.9 and one_arena < own_arena / 2, (own_arena, one_arena)

@@ -111,6 +111,7 @@ def _worker_config(threads_per_worker: int) -> dict:
     """Dask config for clusters started here: BLAS/torch threads per worker process and bounded task failures."""
     threads = os.environ.get("OMP_NUM_THREADS") or str(threads_per_worker)
     env = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env.update(heap_environ())
     return {
         "distributed.nanny.pre-spawn-environ": {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env},
         "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
@@ -262,6 +263,18 @@ def keep_freed_memory() -> bool:
 
 
 _FREED_MEMORY_KEPT = False
+
+
+def heap_environ() -> dict:
+    """Environment for worker processes started here, read by glibc at their start: one malloc arena. Dask runs
+    tasks in threads, and a thread other than the main one allocates from an arena of 64 MB heaps, which hands every
+    bigger block (a network's activations) to mmap whatever keep_freed_memory set: with one arena they come from the
+    main heap that it keeps. Measured (`volrestore benchmark --preset tiny-2.5d -K 2 --steps 2`, one quiet box):
+    22.9 k voxels/s by default, 37.3 k with keep_freed_memory, 63.6 k with both (kernel time 23.0 → 8.6 → 2.2 s).
+    Empty when the user set MALLOC_ARENA_MAX or VOLRESTORE_KEEP_FREED_MEMORY=0."""
+    if "MALLOC_ARENA_MAX" in os.environ or os.environ.get("VOLRESTORE_KEEP_FREED_MEMORY", "1") == "0":
+        return {}
+    return {"MALLOC_ARENA_MAX": "1"}
 
 
 def freed_memory_kept() -> bool:

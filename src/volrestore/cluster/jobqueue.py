@@ -181,7 +181,9 @@ def _job_kwargs(spec: JobqueueSpec) -> dict:
         # sys.executable is a path on the login node that compute nodes may not have.
         "python": spec.python,
         # Workers inherit the config below: one BLAS/torch thread per worker process unless the user sets more.
-        "job_script_prologue": ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}", *spec.prologue,
+        # One malloc arena, so the big blocks a worker frees are reused (cluster.client.heap_environ).
+        "job_script_prologue": ["export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
+                                "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}", *spec.prologue,
                                 *spec.job_script_prologue],
     }
     for key in ("queue", "account", "interface", "local_directory", "log_directory"):
