@@ -55,7 +55,8 @@ def main() -> None:
                                    "--patch", *args.patch, "--json"])
         (out / (student.name + ".log")).write_text(log)
 
-    noisy_eval = next(p for p in sorted(vol.glob(f"noisy_p{args.photons:g}-*.ome.zarr")) if p.name.count("-") == 1)
+    # the evaluation crop's noisy copy at this level, made (or found) exactly as quality.py makes it
+    noisy_eval = quality.noisy({"dir": vol, "eval": vol / "clean_eval.ome.zarr"}, args.photons)
     truth = quality.read(vol / "clean_eval.ome.zarr")
     rows = []
     runs = ([("student, 1 evaluation (restore's SURE blend)", str(student), None, None),
