@@ -242,13 +242,13 @@ def keep_freed_memory() -> bool:
     AMD EPYC VM), 5.5 M page faults and 40 % of the CPU time in the kernel; with these two settings the bare model ran
     2.1× faster (52 k → 112 k voxels/s). The price is that a process keeps its peak heap (what one call needs) between
     calls: its resident memory grew 1.46× as much over a call (2.26 GB against 1.55 GB for one of 4 512² tiles), which
-    model.memory's CPU check allows for. Values are bitwise the same. A no-op (False) where the C library is not glibc or refuses the settings, or
-    with VOLRESTORE_KEEP_FREED_MEMORY=0 in the worker's environment (memory-tight workers)."""
+    model.memory's CPU check allows for. Values are bitwise the same. A no-op (False) where the C library is not glibc
+    or refuses the settings, or when the worker's environment opts out (_keep_freed_memory_wanted)."""
     import ctypes
     import ctypes.util
     import platform
 
-    if os.environ.get("VOLRESTORE_KEEP_FREED_MEMORY", "1") == "0":
+    if not _keep_freed_memory_wanted():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -265,6 +265,12 @@ def keep_freed_memory() -> bool:
 _FREED_MEMORY_KEPT = False
 
 
+def _keep_freed_memory_wanted() -> bool:
+    """False with VOLRESTORE_KEEP_FREED_MEMORY=0 in the environment (memory-tight workers): both allocator settings,
+    keep_freed_memory's and heap_environ's, are then left at glibc's defaults."""
+    return os.environ.get("VOLRESTORE_KEEP_FREED_MEMORY", "1") != "0"
+
+
 def heap_environ() -> dict:
     """Environment for worker processes started here, read by glibc at their start: one malloc arena. Dask runs
     tasks in threads, and a thread other than the main one allocates from an arena of 64 MB heaps, which hands every
@@ -272,7 +278,7 @@ def heap_environ() -> dict:
     main heap that it keeps. Measured (`volrestore benchmark --preset tiny-2.5d -K 2 --steps 2`, one quiet box):
     22.9 k voxels/s by default, 37.3 k with keep_freed_memory, 63.6 k with both (kernel time 23.0 → 8.6 → 2.2 s).
     Empty when the user set MALLOC_ARENA_MAX or VOLRESTORE_KEEP_FREED_MEMORY=0."""
-    if "MALLOC_ARENA_MAX" in os.environ or os.environ.get("VOLRESTORE_KEEP_FREED_MEMORY", "1") == "0":
+    if "MALLOC_ARENA_MAX" in os.environ or not _keep_freed_memory_wanted():
         return {}
     return {"MALLOC_ARENA_MAX": "1"}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -16,6 +15,7 @@ import numpy as np
 from volrestore.blockwise.blocks import grid_blocks, grid_size
 from volrestore.blockwise.runner import run_blockwise
 from volrestore.cluster.client import connect
+from volrestore.config import resolved_path
 from volrestore.evaluation import metrics
 from volrestore.io import ngff
 from volrestore.errors import UserError
@@ -143,8 +143,7 @@ def evaluate(pred, ref, *, mask=None, level=0, mode="percentile", std=None, per_
     if mode not in ("percentile", "raw"):
         raise UserError(f"unknown range rule {mode!r}; use percentile or raw")
     # absolute paths: the workers of a remote or batch cluster do not share this process's folder
-    p_img, r_img, m_img, s_img = _open_inputs(*(p if p is None else os.path.abspath(p) for p in (pred, ref, mask, std)),
-                                              level)
+    p_img, r_img, m_img, s_img = _open_inputs(*map(resolved_path, (pred, ref, mask, std)), level)
     run = uuid.uuid4().hex
     with connect(cluster, workers, echo=echo) as client:
         offset, scale = _reference_range(r_img, block_planes, mode, run, client, progress)

@@ -7,6 +7,13 @@ from volrestore.errors import UserError
 DEFAULT_SAMPLES = 8  # the K of DDPM-avg the student stands in for
 
 
+def check_teacher(ck: dict, teacher) -> None:
+    """UserError unless the checkpoint `ck` (of the model named `teacher`) is a diffusion model a student can learn."""
+    if ck["objective"] == "regression":
+        raise UserError(f"the teacher {teacher} is a regression model, already one evaluation per voxel: distil a "
+                        "diffusion model (e.g. default-diffusion)")
+
+
 def targets_path(out) -> Path:
     """Where the teacher's restoration of the training input lies by default: next to the student, kept so that a
     second distillation (more iterations, another seed) does not pay the teacher's K × steps evaluations again."""
@@ -44,13 +51,8 @@ def distill(input, out, *, teacher="default", samples=DEFAULT_SAMPLES, steps=Non
         if existing.exists() and not (resume or overwrite):  # checked before the teacher's long restore
             raise UserError(f"{existing} {what}: add --resume to continue it or --overwrite to distil again")
     name = shipped_name(teacher, {"samples": samples})  # "default" means the shipped diffusion model here
-    path = model_path(name)
-    if not path.is_file():
-        raise UserError(f"teacher model {teacher} not found: give a diffusion checkpoint (.pt) or default-diffusion")
-    ck = load_checkpoint(path)
-    if ck["objective"] == "regression":
-        raise UserError(f"the teacher {teacher} is a regression model, already one evaluation per voxel: distil a "
-                        "diffusion model (e.g. default-diffusion)")
+    ck = load_checkpoint(model_path(name))  # model_path: UserError "not found" when there is no such model
+    check_teacher(ck, teacher)
     targets = Path(targets) if targets else targets_path(out)
     echo(f"teacher {name}: DDPM-avg of {samples} samples -> {targets}")
     again = targets.exists()  # finished: reused; interrupted: resumed; --overwrite: made anew

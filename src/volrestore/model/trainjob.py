@@ -172,9 +172,9 @@ def _init_model(init: str, preset, objective, condition, lr, student=False) -> t
             raise UserError(f"--init {init} was trained with {flag} {theirs[flag]}: drop {flag} {given} or train "
                             "a new model with --preset")
     if student:
-        if ck["objective"] == "regression":
-            raise UserError(f"the teacher {init} is a regression model, already one evaluation per voxel: distil a "
-                            "diffusion model (e.g. default-diffusion)")
+        from volrestore.model.distill import check_teacher
+
+        check_teacher(ck, init)
         ck = {**ck, "objective": "regression", "condition": "none"}
     schedule = ck["schedule"]
     peak = lr or FINE_TUNE_LR * float((ck.get("train_config") or {}).get("lr") or

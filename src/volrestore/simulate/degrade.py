@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, signal
 
+from volrestore.config import resolved_path
 from volrestore.errors import UserError
 from volrestore.io.storage import cast_rounded
 
@@ -179,7 +180,7 @@ def degrade_image(src, out, spec: str, *, level: int = 0, dtype: str = "float32"
     out_dtype = np.dtype("float32" if dtype == "float32" else lvl.dtype)
     total = grid_size(lvl.shape, unit)
     parameters = {"input": str(src), "level": level, "degrade": spec, "dtype": dtype}
-    at = {"src": os.path.abspath(src), "out": os.path.abspath(out)}  # what workers open: they start in other folders
+    at = {"src": resolved_path(src), "out": os.path.abspath(out)}  # what workers open: they start in other folders
     with connect(cluster, workers, echo=echo) as client:
         _, _, (ref,) = metrics.run_percentiles(partial(_read_block, at["src"], lvl.path),
                                                lambda: grid_blocks(lvl.shape, chunks), q=(99.9,), client=client,
