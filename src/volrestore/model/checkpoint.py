@@ -135,3 +135,10 @@ def model_from_checkpoint(ck: dict, ema: bool = True) -> nets.ConditionalUNet:
     net = nets.ConditionalUNet(nets.load_preset(ck["preset"]), ck["objective"])
     net.load_state_dict(ck["ema" if ema else "model"])
     return net.eval()
+
+
+def check_teacher(ck: dict, teacher) -> None:
+    """UserError unless the checkpoint `ck` (of the model named `teacher`) is a diffusion model a student can learn."""
+    if ck["objective"] == "regression":
+        raise UserError(f"the teacher {teacher} is a regression model, already one evaluation per voxel: distil a "
+                        "diffusion model (e.g. default-diffusion)")

@@ -7,13 +7,6 @@ from volrestore.errors import UserError
 DEFAULT_SAMPLES = 8  # the K of DDPM-avg the student stands in for
 
 
-def check_teacher(ck: dict, teacher) -> None:
-    """UserError unless the checkpoint `ck` (of the model named `teacher`) is a diffusion model a student can learn."""
-    if ck["objective"] == "regression":
-        raise UserError(f"the teacher {teacher} is a regression model, already one evaluation per voxel: distil a "
-                        "diffusion model (e.g. default-diffusion)")
-
-
 def targets_path(out) -> Path:
     """Where the teacher's restoration of the training input lies by default: next to the student, kept so that a
     second distillation (more iterations, another seed) does not pay the teacher's K × steps evaluations again."""
@@ -40,7 +33,7 @@ def distill(input, out, *, teacher="default", samples=DEFAULT_SAMPLES, steps=Non
     No clean data is needed: the teacher brings what it learned from clean pairs.
     """
     from volrestore.blockwise.restore import restore
-    from volrestore.model.checkpoint import load_checkpoint
+    from volrestore.model.checkpoint import check_teacher, load_checkpoint
     from volrestore.model.diffusion_restorer import model_path, shipped_name
     from volrestore.model.trainjob import partial_path, train_image
 

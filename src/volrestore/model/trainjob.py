@@ -18,7 +18,7 @@ from volrestore.io import ngff
 from volrestore.cluster.client import connect, machine_cores, pin_torch_threads, task_resources
 from volrestore.simulate.degrade import Degradation
 from volrestore.errors import UserError
-from volrestore.model.checkpoint import Normalisation, load_checkpoint
+from volrestore.model.checkpoint import Normalisation, check_teacher, load_checkpoint
 from volrestore.model.patches import PatchSampler
 from volrestore.config import TrainConfig, TrainData
 from volrestore.model.train import check_resumable, resolve_config, train
@@ -172,8 +172,6 @@ def _init_model(init: str, preset, objective, condition, lr, student=False) -> t
             raise UserError(f"--init {init} was trained with {flag} {theirs[flag]}: drop {flag} {given} or train "
                             "a new model with --preset")
     if student:
-        from volrestore.model.distill import check_teacher
-
         check_teacher(ck, init)
         ck = {**ck, "objective": "regression", "condition": "none"}
     schedule = ck["schedule"]
