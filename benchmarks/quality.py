@@ -435,13 +435,21 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
     raise RuntimeError("training failed")
 
 
+def std_scale_of(out: Path) -> float | None:
+    """The factor restore put on the samples' spread (recorded; None in outputs made before it existed)."""
+    from volrestore.io import ngff
+
+    return ngff.read_info(str(out)).provenance["parameters"]["model"]["options"].get("std_scale")
+
+
 def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=None, steps=None, std=False,
             cluster="local", tta=None, blend=None):
     """`volrestore restore`; returns (output path, std path or None, wall s), cached next to the input by tag."""
     out = noisy_path.parent / f"{noisy_path.name[:-len('.ome.zarr')]}-{tag}.ome.zarr"
     std_path = out.parent / out.name.replace(".ome.zarr", ".std.ome.zarr")
     meta = out.parent / (out.name + ".json")
-    if not (complete(out) and meta.exists() and (not std or complete(std_path))):
+    # a std written before the std was scaled on the image (no std_scale recorded) is made again
+    if not (complete(out) and meta.exists() and (not std or (complete(std_path) and std_scale_of(out) is not None))):
         cmd = ["volrestore", "restore", noisy_path, out, "--model", model, "--overwrite", "--cluster", cluster]
         if cluster == "local":
             cmd += ["--workers", str(RESTORE_WORKERS)]
@@ -476,13 +484,17 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
             pred = (read(path) if pred is None else pred).astype(np.float64)
             row.update(score(pred, truth))
             if std_path is not None:
-                row["calibration"] = metrics.calibration(pred, read(std_path), truth)
+                std, scale = read(std_path).astype(np.float64), std_scale_of(path)
+                row["calibration"] = metrics.calibration(pred, std, truth)
+                # the samples' raw spread as well (restore scaled it by SURE's estimate of the mean's error)
+                row["std_scale"], row["calibration_raw"] = scale, metrics.calibration(pred, std / scale, truth)
                 row["std_path"] = str(std_path)
             row["path"] = str(path)
         tables[f"{p:g}"].append(row)
         print(f"  [{name} P={p:g}] {label}: " + (f"failed: {failed}" if failed else
-              f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f}" + (f" cal {row['calibration']:.3f}"
-                                                                   if "calibration" in row else "")), flush=True)
+              f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f}" + (
+                  f" cal {row['calibration']:.3f} (raw spread {row['calibration_raw']:.3f}, x{row['std_scale']})"
+                  if "calibration" in row else "")), flush=True)
 
     def cached(p, method, compute, params):
         """In-process baselines: result .npy + its note/time, keyed by the parameters that change it."""
@@ -623,7 +635,8 @@ def markdown(results: dict) -> str:
                     continue
                 t = row.get("time_s")
                 t = "—" if t is None else f"{t:.1f}" if t >= 1 else f"{t:.2f}"
-                c = f"{row['calibration']:.3f}" if "calibration" in row else ""
+                c = (f"{row['calibration']:.3f} (raw {row['calibration_raw']:.3f}, ×{row['std_scale']})"
+                     if "calibration" in row else "")
                 lines.append(f"| {row['label']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {t} | {c} | {row['note']} |")
             lines.append("")
     return "\n".join(lines)

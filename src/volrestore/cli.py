@@ -212,7 +212,12 @@ def _print_info(info):
 @click.option("--samples", type=int, default=None, help="Model option: samples averaged per tile (diffusion).")
 @click.option("--sampler", default=None, help="Model option: sampler (diffusion).")
 @click.option("--steps", type=int, default=None, help="Model option: sampler steps (diffusion).")
-@click.option("--std", is_flag=True, default=None, help="Model option: also write the per-voxel std of the samples.")
+@click.option("--std", is_flag=True, default=None,
+              help="Model option: also write a per-voxel std: the estimated error of the mean (see --std-scale).")
+@click.option("--std-scale", "std_scale", default=None, metavar="auto|off|FACTOR",
+              help="Model option (with --std): auto (default) scales the samples' spread so that its mean square "
+                   "matches SURE's truth-free estimate of the mean's squared error on two sampled regions of this "
+                   "image (recorded); off: the samples' raw std; FACTOR: that multiple of it.")
 @click.option("--normalise", type=click.Choice(["image", "model"]), default=None,
               help="Model option (diffusion): map this image's 0.1-99.9 percentiles onto the training data's "
                    "(image; the default model's default) or use the checkpoint's own intensity map (model).")

@@ -123,8 +123,8 @@ def prepare(config: RestoreConfig) -> Prepared:
         dtype="float32" if config.dtype == "float32" else lvl.dtype, fill_nan=config.nan == "fill", mask=mask_plan,
         read_dtype=read_dtype, progress_group=progress_group_for(lvl.shape, blk),
     )
-    if noise_fit is not None:  # a one-pass model's share of the input, chosen on this image (recorded)
-        spec = _with_blend(config, spec, plan, noise_fit)
+    if noise_fit is not None:  # a one-pass model's blend or a diffusion model's std scale, chosen on this image
+        spec = _with_sure(config, spec, plan, noise_fit)
         resolved = resolved.model_copy(update={"model": ModelRef(name=spec.name, options=dict(spec.options))})
     return Prepared(plan, spec, info, resolved, chunks_all, shards, precision)
 
@@ -170,13 +170,13 @@ def input_precision(dtype: str, spec: RestorerSpec) -> tuple[str, str | None]:
 def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, float] | None]:
     """The restorer spec with what it measures on the image filled in (intensity range for --normalise image, noise
     level for a noise-conditioned model), and the image's noise fit (gain, intercept: metrics.shot_noise_fit, and the
-    photons at its bright intensity) when the model's blend weights are still to be chosen (blockwise.sure), else
+    photons at its bright intensity) when SURE is still to choose the blend weights or std scale (blockwise.sure), else
     None."""
     spec = registry.resolve(config.model)
     options = dict(spec.options)
     wants_range = options.get("normalise") == "image" and options.get("input_range") is None
     wants_photons = "photons" in options and options["photons"] is None  # a model conditioned on the noise level
-    wants_fit = "blend" in options and options["blend"] is None
+    wants_fit = any(key in options and options[key] is None for key in ("blend", "std_scale"))
     if not (wants_range or wants_photons or wants_fit):
         return spec, None
     # The model adapts to this image's intensities (and noise): measure them once, record them (provenance, --resume
@@ -195,13 +195,18 @@ def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, fl
     return spec, ((*fit, photons) if wants_fit else None)
 
 
-def _with_blend(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
-    """The spec with its blend weights chosen by SURE on sampled tiles (blockwise.sure), run here on the client."""
+def _with_sure(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
+    """The spec with what SURE chooses on sampled tiles (blockwise.sure), run here on the client: a one-pass model's
+    blend weights, or the factor on a diffusion model's std."""
     from volrestore.blockwise import sure
 
     options = {k: v for k, v in spec.options if k in ("normalise", "input_range", "photons")}
     base = config.model.with_options(**options)
     gain, intercept, photons = fit
+    if dict(spec.options).get("std_scale", 0) is None:
+        scale = sure.std_scale(plan, registry.resolve(base.with_options(std_scale="off")), (gain, intercept),
+                               config.seed)
+        return registry.resolve(base.with_options(std_scale=scale))
     weights = sure.blend_weights(plan, registry.resolve(base.with_options(blend="off")), (gain, intercept), photons,
                                  config.seed)
     return registry.resolve(base.with_options(blend=list(weights)))

@@ -1,4 +1,4 @@
-"""SURE-chosen output blend of one-pass models (model.blend): its weights, from sampled regions of the image."""
+"""SURE on sampled regions of the image: the output blend of one-pass models (model.blend), the std scale of K samples."""
 
 from __future__ import annotations
 
@@ -38,20 +38,13 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     zero = (0.0,) * N_WEIGHTS
     if not (np.isfinite(gain) and gain > 0):
         return zero  # no shot noise measured: nothing to calibrate against
-    restorer = restorer_for(spec)
-    grid = _region_grid(plan.grid, restorer.size_multiple)
-    src = zarr.open_group(plan.input, mode="r")[plan.input_array]
-    spatial = plan.spatial_axes
-    fixed = {d: src.shape[d] // 2 for d in plan.other_axes}  # the middle time point etc.
-    n = grid.n_tiles
-    picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
+    restorer, regions = _regions(plan, spec, seed)
     # the candidates this model can form: all, or without the z ones for a 2D model
     usable = list(range(N_WEIGHTS if has_planes(restorer.z_context, restorer.spatial_dims) else 1 + len(BLEND_SIGMAS)))
     k = len(usable)
     m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(k + 1)  # M, r, (tap-weighted V per candidate, D)
-    for flat in picks:
-        tm, tr, tvd = _region_sums(plan, grid, restorer, src, spatial, fixed, np.unravel_index(flat, grid.counts),
-                                   gain, intercept, np.random.default_rng([SURE_SEED, seed, flat]), seed, usable)
+    for where, rng in regions:
+        tm, tr, tvd = _region_sums(*where, gain, intercept, rng, seed, usable)
         m, r, vd = m + tm, r + tr, vd + tvd
     tv, d = vd[:-1], vd[-1]  # tv[0] = V, the summed noise variance (the input's own tap is 1)
     v = tv[0]
@@ -69,6 +62,50 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     return tuple(weights)
 
 
+def std_scale(plan, spec, noise_fit: tuple[float, float], seed: int = 0) -> float:
+    """The factor that turns the K samples' spread into the estimated error of their mean, on this image: c with
+    c² sum std² = SURE, Stein's unbiased estimate of sum |mean - truth|² = |y - f|² - sum v + 2 sum v df/dy (f the
+    restorer `spec`'s mean with its std unscaled, v = gain y + intercept, `noise_fit`; the divergence by one
+    perturbed call with the same sampler noise), both sums over the inner voxels of the SURE_REGIONS sampled regions.
+
+    Why: the K samples' std is not the error of their mean. For exact posterior samples the mean misses by the
+    posterior spread × sqrt(1 + 1/K); a few-step sampler spreads its samples less than the posterior (DDIM 10 on CHO:
+    2·std covered 0.79 of the voxels), and a model on data unlike its training knows least where its spread is
+    smallest. The truth-free estimate fixes the scale on the image itself; the spread keeps the pattern. 1.0 (the raw
+    spread) when no shot noise was measured, the samples do not spread, or SURE is not positive (an estimate that
+    noisy says nothing); rounded to 3 decimals as recorded. SURE takes the noise as Gaussian of that variance: at a
+    few photons the Poisson counts make it approximate (benchmarks/README.md has the coverage it gives)."""
+    gain, intercept = noise_fit
+    if not (np.isfinite(gain) and gain > 0):
+        return 1.0
+    _, regions = _regions(plan, spec, seed)
+    risk = spread = 0.0
+    for where, rng in regions:
+        reg = _region_restored(*where, gain, intercept, rng, seed)
+        inner, v = reg["inner"], reg["v"]
+        residual = (reg["y"] - reg["f"])[inner]
+        divergence = np.sum((reg["b"] * v * (reg["f2"] - reg["f"]))[inner]) / reg["eps"]
+        risk += float(np.dot(residual, residual) - np.sum(v[inner]) + 2 * divergence)
+        spread += float(np.sum(reg["std"][inner] ** 2))
+    if not (spread > 0 and risk > 0 and np.isfinite(risk)):
+        return 1.0
+    return round(float(np.sqrt(risk / spread)), 3)
+
+
+def _regions(plan, spec, seed: int):
+    """(the restorer of `spec`, [((plan, grid, restorer, src, spatial, fixed, region index), rng), ...]): the
+    SURE_REGIONS regions the estimates sample, spread over the region grid's order, each with its own perturbation
+    generator; the middle point of non-spatial axes (time, channel)."""
+    restorer = restorer_for(spec)
+    grid = _region_grid(plan.grid, restorer.size_multiple)
+    src = zarr.open_group(plan.input, mode="r")[plan.input_array]
+    fixed = {d: src.shape[d] // 2 for d in plan.other_axes}
+    n = grid.n_tiles
+    picks = sorted({min(n - 1, (i + 1) * n // (SURE_REGIONS + 1)) for i in range(SURE_REGIONS)})
+    return restorer, [((plan, grid, restorer, src, plan.spatial_axes, fixed, np.unravel_index(flat, grid.counts)),
+                       np.random.default_rng([SURE_SEED, seed, flat])) for flat in picks]
+
+
 def _region_grid(grid, multiple: int):
     """The sampling regions' grid: REGION voxels (rounded down to the net's size multiple) along the axes the run
     tiles, 1 along an axis it does not (a 2D model's z, whose context slices come along), no overlap."""
@@ -83,26 +120,32 @@ def _region_grid(grid, multiple: int):
     return Grid(tuple(axes))
 
 
-def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed, usable):
-    """(M, r, (sum v·tap_j for each usable candidate j, D)) of one region: its input read with its context (reflected
-    as the block tasks read it), restored as is and perturbed in the same call."""
+def _region_restored(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed) -> dict:
+    """One region k of `grid`, read with its context (reflected as the block tasks read it) and restored twice in one
+    call, as is and perturbed by eps·b (b ~ N(0, 1)): the region's own voxels as y (input), f and f2 (the two
+    restorations), std (the unperturbed call's, when the restorer gives one), b, v (noise variance), `inner` (where a
+    voxel counts: inside the volume, not a reflected copy, and away from an edge that cuts it), eps, and what the
+    blend's z candidates need (the read region, its index and the own-voxel slices)."""
     ranges = [range(int(kk), int(kk) + 1) for kk in k]
     read = [ax.read_range(rr) for ax, rr in zip(grid.axes, ranges)]
     it = iter(read)
     selection = tuple(slice(*next(it)) if d in spatial else fixed[d] for d in range(len(plan.axes)))
     region = np.asarray(src[selection], np.float64)
     region = np.nan_to_num(region) if plan.fill_nan else region
-    variance = np.clip(gain * region + intercept, 0.0, None)
-    eps = 0.01 * float(np.sqrt(variance.mean())) or 1e-6
+    # Not clipped at 0: SURE needs E[v] to be the noise variance, and where read noise takes a dark voxel below
+    # -intercept/gain a clipped v is too large (by 4 % of the mean on a 10-photon phantom: a third of the
+    # restoration's error).
+    variance = gain * region + intercept
+    eps = 0.01 * float(np.sqrt(max(variance.mean(), 0.0))) or 1e-6
     b = rng.standard_normal(region.shape)
     index = np.ix_(*(ax.tile_index(int(kk), rr[0]) for ax, kk, rr in zip(grid.axes, k, read)))
     data = np.stack([region[index], (region + eps * b)[index]]).astype(np.dtype(plan.read_dtype))
     squeeze = restorer.spatial_dims < len(spatial)
     origins = [tuple(ax.start(int(kk)) for ax, kk in zip(grid.axes, k))] * 2
-    out = restorer(data[:, 0] if squeeze and not restorer.z_context else data, origins, seed)["mean"]
-    f, f2 = (np.asarray(o, np.float64).reshape(grid.tile_shape) for o in out)
-    # The region's own voxels (a 2.5D region's context slices stripped), and where each counts: inside the volume
-    # (not a reflected copy) and away from an edge that cuts the volume.
+    out = restorer(data[:, 0] if squeeze and not restorer.z_context else data, origins, seed)
+    f, f2 = (np.asarray(o, np.float64).reshape(grid.tile_shape) for o in out["mean"])
+    std = np.asarray(out["std"][0], np.float64).reshape(grid.tile_shape) if "std" in out else None
+    # The region's own voxels (a 2.5D region's context slices stripped), and where each counts.
     own = tuple(slice(ax.context, ax.context + ax.tile) for ax in grid.axes)
     y, bc, v = (a[index][own] for a in (region, b, variance))
     inner = np.ones(grid.tile_shape, bool)
@@ -114,6 +157,15 @@ def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, 
             ok &= (pos >= start + MARGIN) | (start <= 0)
             ok &= (pos < start + ax.tile - MARGIN) | (start + ax.tile >= ax.size)
         inner &= ok.reshape([-1 if e == d else 1 for e in range(len(grid.axes))])
+    return {"y": y, "f": f, "f2": f2, "std": std, "b": bc, "v": v, "inner": inner, "eps": eps, "region": region,
+            "index": index, "own": own}
+
+
+def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed, usable):
+    """(M, r, (sum v·tap_j for each usable candidate j, D)) of one region (`_region_restored`)."""
+    reg = _region_restored(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed)
+    y, f, f2, bc, v, inner, own = (reg[key] for key in ("y", "f", "f2", "b", "v", "inner", "own"))
+    region, index = reg["region"], reg["index"]
     # The z average as the restorer forms it from the same planes: a 2.5D region's context planes, a 3D region's own.
     z = None
     if restorer.z_context:  # (1 + 2c, Y, X) -> the own plane's average (1, Y, X), then its own lateral voxels
@@ -130,4 +182,4 @@ def _region_sums(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, 
     per_voxel = [np.broadcast_to(np.reshape(tap[j] if np.ndim(tap[j]) == 0 else tap[j][own[0]],
                                             (-1,) + (1,) * (y.ndim - 1)), y.shape) for j in usable]
     tv = [np.sum((v * t)[inner]) for t in per_voxel]
-    return m, r, np.array([*tv, np.sum((bc * v * (f2 - f))[inner]) / eps])
+    return m, r, np.array([*tv, np.sum((bc * v * (f2 - f))[inner]) / reg["eps"]])

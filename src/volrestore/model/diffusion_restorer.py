@@ -28,6 +28,10 @@ PHOTONS = "photons"
 # Only for one-pass (regression) models: the weights of the input and its smoothed copies added to the restoration
 # (model.blend), chosen by the engine with SURE on sampled tiles unless given (blockwise.sure); recorded.
 BLEND = "blend"
+# Only with std (K >= 2 samples of a diffusion model): the factor on the samples' spread that makes it the estimated
+# error of their mean, chosen by the engine with SURE on sampled tiles unless given (blockwise.sure.std_scale);
+# recorded. "off" (1.0) writes the raw spread.
+STD_SCALE = "std_scale"
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
 # normalise="model": the checkpoint's own percentile maps (the model was trained on data in these units);
@@ -122,7 +126,7 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     a worker refuses a file that changed in between, and provenance names the exact model."""
     options = {k: v for k, v in ref.options.items() if v is not None}
     name = shipped_name(ref.name, options)
-    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS) - {PHOTONS, BLEND})
+    unknown = sorted(set(options) - set(OPTIONS) - set(EXTRAS) - {PHOTONS, BLEND, STD_SCALE})
     if unknown:
         raise UserError(f"model {name} does not take option {unknown[0]!r}; it takes {', '.join([*OPTIONS, *EXTRAS])}")
     opts = {**OPTIONS, **{k: v for k, v in options.items() if k in OPTIONS}}
@@ -148,6 +152,10 @@ def resolve(ref: ModelRef) -> RestorerSpec:
     opts["sampler"] = opts["sampler"] or default_sampler(ck)
     opts["noise"] = _noise_scheme(opts["noise"], extras["device"])
     _check(ck["objective"], opts["samples"], opts["sampler"], opts["steps"], opts["std"])
+    if opts["std"]:
+        opts[STD_SCALE] = _std_scale(options.get(STD_SCALE))
+    elif options.get(STD_SCALE) is not None:
+        raise UserError("--std-scale scales the std of the samples: add --std (and --samples K >= 2), or drop it")
     spatial_dims = int(ck["preset"]["spatial_dims"])
     _tta_transforms(opts["tta"], spatial_dims, int(ck["preset"].get("z_context", 0)))
     tile, overlap = DEFAULT_TILE[spatial_dims]
@@ -175,6 +183,21 @@ def _photons(value) -> float | None:
     if not photons > 0 or math.isinf(photons):
         raise UserError(f"--photons must be a positive number (photons at the image's bright intensity), got {value!r}")
     return photons
+
+
+def _std_scale(value) -> float | None:
+    """--std-scale as a factor: None (auto: the engine measures it), off (1.0: the raw spread) or a positive number."""
+    if value is None or value == "auto":
+        return None
+    if value == "off":
+        return 1.0
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not scale > 0 or math.isinf(scale):
+        raise UserError(f"--std-scale must be auto, off or a positive factor, got {value!r}")
+    return scale
 
 
 def _blend(value) -> tuple[float, ...] | None:
@@ -238,7 +261,7 @@ class DiffusionRestorer:
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
                  normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1,
-                 photons: float | None = None, blend=None):
+                 photons: float | None = None, blend=None, std_scale: float | None = None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -269,6 +292,8 @@ class DiffusionRestorer:
             raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
         # None here (a library caller) blends nothing; the engine always passes the weights it chose (blockwise.sure)
         self.blend = tuple(float(w) for w in blend) if blend is not None else (0.0,) * N_WEIGHTS
+        # None here (a library caller) writes the raw spread; the engine passes the factor it chose or was given
+        self.std_scale = 1.0 if std_scale is None else float(std_scale)
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
@@ -351,5 +376,6 @@ class DiffusionRestorer:
             mean = blend(mean, own, self.blend, z)
         mean = mean.astype(np.float32)
         if "std" in self.outputs:
-            std = runs.std(axis=1, ddof=1).astype(np.float32)
+            std = runs.std(axis=1, ddof=1)
+            std = (std if self.std_scale == 1.0 else std * self.std_scale).astype(np.float32)
         return {"mean": mean, "std": std} if "std" in self.outputs else {"mean": mean}
