@@ -435,8 +435,13 @@ def train_model(vol: dict, objective: str | None, args) -> tuple[Path, dict]:
     raise RuntimeError("training failed")
 
 
-def std_scale_of(out: Path) -> float | None:
-    """The factor restore put on the samples' spread (recorded; None in outputs made before it existed)."""
+def _share(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def std_scale_of(out: Path) -> list | None:
+    """The (factor, floor) restore fitted to the samples' spread (recorded; None in outputs made before it existed,
+    a single number in those of the first, factor-only version)."""
     from volrestore.io import ngff
 
     return ngff.read_info(str(out)).provenance["parameters"]["model"]["options"].get("std_scale")
@@ -448,8 +453,9 @@ def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=Non
     out = noisy_path.parent / f"{noisy_path.name[:-len('.ome.zarr')]}-{tag}.ome.zarr"
     std_path = out.parent / out.name.replace(".ome.zarr", ".std.ome.zarr")
     meta = out.parent / (out.name + ".json")
-    # a std written before the std was scaled on the image (no std_scale recorded) is made again
-    if not (complete(out) and meta.exists() and (not std or (complete(std_path) and std_scale_of(out) is not None))):
+    # a std written before the std was fitted on the image (no (factor, floor) recorded) is made again
+    if not (complete(out) and meta.exists() and (not std or (complete(std_path) and
+                                                             isinstance(std_scale_of(out), list)))):
         cmd = ["volrestore", "restore", noisy_path, out, "--model", model, "--overwrite", "--cluster", cluster]
         if cluster == "local":
             cmd += ["--workers", str(RESTORE_WORKERS)]
@@ -484,16 +490,21 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
             pred = (read(path) if pred is None else pred).astype(np.float64)
             row.update(score(pred, truth))
             if std_path is not None:
-                std, scale = read(std_path).astype(np.float64), std_scale_of(path)
+                std, (factor, floor) = read(std_path).astype(np.float64), std_scale_of(path)
                 row["calibration"] = metrics.calibration(pred, std, truth)
-                # the samples' raw spread as well (restore scaled it by SURE's estimate of the mean's error)
-                row["std_scale"], row["calibration_raw"] = scale, metrics.calibration(pred, std / scale, truth)
+                # the samples' raw spread as well (restore fitted std = sqrt((factor spread)² + floor²) with SURE;
+                # inverted per voxel, exact where one tile covers it)
+                row["std_scale"], row["calibration_raw"] = [factor, floor], None  # factor 0: the spread is gone
+                if factor > 0:
+                    spread = np.sqrt(np.maximum(std ** 2 - floor ** 2, 0.0)) / factor
+                    row["calibration_raw"] = metrics.calibration(pred, spread, truth)
                 row["std_path"] = str(std_path)
             row["path"] = str(path)
         tables[f"{p:g}"].append(row)
         print(f"  [{name} P={p:g}] {label}: " + (f"failed: {failed}" if failed else
               f"PSNR {row['psnr']:.2f} SSIM {row['ssim']:.4f}" + (
-                  f" cal {row['calibration']:.3f} (raw spread {row['calibration_raw']:.3f}, x{row['std_scale']})"
+                  f" cal {row['calibration']:.3f} (raw spread {_share(row['calibration_raw'])}, std fit "
+                  f"{row['std_scale']})"
                   if "calibration" in row else "")), flush=True)
 
     def cached(p, method, compute, params):
@@ -635,7 +646,7 @@ def markdown(results: dict) -> str:
                     continue
                 t = row.get("time_s")
                 t = "—" if t is None else f"{t:.1f}" if t >= 1 else f"{t:.2f}"
-                c = (f"{row['calibration']:.3f} (raw {row['calibration_raw']:.3f}, ×{row['std_scale']})"
+                c = (f"{row['calibration']:.3f} (raw {_share(row['calibration_raw'])}, factor, floor {row['std_scale']})"
                      if "calibration" in row else "")
                 lines.append(f"| {row['label']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {t} | {c} | {row['note']} |")
             lines.append("")

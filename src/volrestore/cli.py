@@ -214,10 +214,11 @@ def _print_info(info):
 @click.option("--steps", type=int, default=None, help="Model option: sampler steps (diffusion).")
 @click.option("--std", is_flag=True, default=None,
               help="Model option: also write a per-voxel std: the estimated error of the mean (see --std-scale).")
-@click.option("--std-scale", "std_scale", default=None, metavar="auto|off|FACTOR",
-              help="Model option (with --std): auto (default) scales the samples' spread so that its mean square "
-                   "matches SURE's truth-free estimate of the mean's squared error on two sampled regions of this "
-                   "image (recorded); off: the samples' raw std; FACTOR: that multiple of it.")
+@click.option("--std-scale", "std_scale", default=None, metavar="auto|off|FACTOR[,FLOOR]",
+              help="Model option (with --std): auto (default) makes the std the estimated error of the mean, "
+                   "sqrt((FACTOR x samples' spread)² + FLOOR²), both fitted on two sampled regions of this image "
+                   "with SURE (Stein's unbiased risk estimate, no truth needed) and recorded; off: the samples' "
+                   "raw spread; FACTOR[,FLOOR]: as given.")
 @click.option("--normalise", type=click.Choice(["image", "model"]), default=None,
               help="Model option (diffusion): map this image's 0.1-99.9 percentiles onto the training data's "
                    "(image; the default model's default) or use the checkpoint's own intensity map (model).")
@@ -229,7 +230,7 @@ def _print_info(info):
                    "16 with z flips for 2.5D/3D nets): N network evaluations per voxel for a more accurate mean.")
 @click.option("--blend", default=None, metavar="auto|off|SHARE",
               help="Model option (one-pass regression models, e.g. the shipped default): auto (default) blends the "
-                   "restoration with the input, two in-plane smoothings and two averages over neighbouring "
+                   "restoration with the input, four in-plane smoothings and four averages over neighbouring "
                    "planes of it, weights chosen on this image by SURE (Stein's unbiased risk estimate) on two "
                    "sampled 256² regions and recorded; off: the network's output; SHARE: f + SHARE (input - f).")
 @click.option("--photons", type=float, default=None,

@@ -197,7 +197,7 @@ def _resolve_model(config: RestoreConfig) -> tuple[RestorerSpec, tuple[float, fl
 
 def _with_sure(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> RestorerSpec:
     """The spec with what SURE chooses on sampled tiles (blockwise.sure), run here on the client: a one-pass model's
-    blend weights, or the factor on a diffusion model's std."""
+    blend weights, or the factor and floor of a diffusion model's std."""
     from volrestore.blockwise import sure
 
     options = {k: v for k, v in spec.options if k in ("normalise", "input_range", "photons")}
@@ -206,7 +206,7 @@ def _with_sure(config: RestoreConfig, spec: RestorerSpec, plan: Plan, fit) -> Re
     if dict(spec.options).get("std_scale", 0) is None:
         scale = sure.std_scale(plan, registry.resolve(base.with_options(std_scale="off")), (gain, intercept),
                                config.seed)
-        return registry.resolve(base.with_options(std_scale=scale))
+        return registry.resolve(base.with_options(std_scale=list(scale)))
     weights = sure.blend_weights(plan, registry.resolve(base.with_options(blend="off")), (gain, intercept), photons,
                                  config.seed)
     return registry.resolve(base.with_options(blend=list(weights)))

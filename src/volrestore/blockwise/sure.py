@@ -6,7 +6,7 @@ import numpy as np
 import zarr
 
 from volrestore.blockwise.grid import AxisGrid, Grid, fitted_tile
-from volrestore.model.blend import BLEND_SIGMAS, N_WEIGHTS, candidates, has_planes, taps, z_averaged
+from volrestore.model.blend import LATERAL, N_WEIGHTS, candidates, has_planes, taps, z_averaged
 from volrestore.model.restorer import restorer_for
 
 # Regions sampled for the estimate: cut on a grid of their own (REGION voxels per axis the model tiles, no overlap,
@@ -40,7 +40,7 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
         return zero  # no shot noise measured: nothing to calibrate against
     restorer, regions = _regions(plan, spec, seed)
     # the candidates this model can form: all, or without the z ones for a 2D model
-    usable = list(range(N_WEIGHTS if has_planes(restorer.z_context, restorer.spatial_dims) else 1 + len(BLEND_SIGMAS)))
+    usable = list(range(N_WEIGHTS if has_planes(restorer.z_context, restorer.spatial_dims) else LATERAL))
     k = len(usable)
     m, r, vd = np.zeros((k, k)), np.zeros(k), np.zeros(k + 1)  # M, r, (tap-weighted V per candidate, D)
     for where, rng in regions:
@@ -62,34 +62,58 @@ def blend_weights(plan, spec, noise_fit: tuple[float, float], photons: float, se
     return tuple(weights)
 
 
-def std_scale(plan, spec, noise_fit: tuple[float, float], seed: int = 0) -> float:
-    """The factor that turns the K samples' spread into the estimated error of their mean, on this image: c with
-    c² sum std² = SURE, Stein's unbiased estimate of sum |mean - truth|² = |y - f|² - sum v + 2 sum v df/dy (f the
-    restorer `spec`'s mean with its std unscaled, v = gain y + intercept, `noise_fit`; the divergence by one
-    perturbed call with the same sampler noise), both sums over the inner voxels of the SURE_REGIONS sampled regions.
+def std_scale(plan, spec, noise_fit: tuple[float, float], seed: int = 0) -> tuple[float, float]:
+    """(factor, floor) that turn the K samples' spread s into the estimated error of their mean on this image:
+    std² = (factor s)² + floor², the least-squares fit of the mean's squared error e² over the inner voxels of the
+    SURE_REGIONS sampled regions, factor² and floor² >= 0, without the truth: the fit's normal equations need
+    sum w e² for the weights w = s² and w = 1, and SURE estimates each, sum w [(y - f)² - v + 2 v df/dy] (f the
+    restorer `spec`'s mean with its std unscaled, v = gain y + intercept, `noise_fit`; df_i/dy_i by one perturbed
+    call with the same sampler noise, b_i (f(y + eps b) - f(y))_i / eps, unbiased per voxel). s depends on the noise
+    at its own voxel only through the samples' shared input: taken as a fixed weight.
 
     Why: the K samples' std is not the error of their mean. For exact posterior samples the mean misses by the
     posterior spread × sqrt(1 + 1/K); a few-step sampler spreads its samples less than the posterior (DDIM 10 on CHO:
-    2·std covered 0.79 of the voxels), and a model on data unlike its training knows least where its spread is
-    smallest. The truth-free estimate fixes the scale on the image itself; the spread keeps the pattern. 1.0 (the raw
-    spread) when no shot noise was measured, the samples do not spread, or SURE is not positive (an estimate that
-    noisy says nothing); rounded to 3 decimals as recorded. SURE takes the noise as Gaussian of that variance: at a
-    few photons the Poisson counts make it approximate (benchmarks/README.md has the coverage it gives)."""
+    2·std covered 0.79 of the voxels), and a model on data unlike its training errs where its samples agree (the
+    shipped model on RBC: no single factor covered more than 0.65). The floor is the error the spread does not see.
+    (1.0, 0.0), the raw spread, when no shot noise was measured or SURE finds no error (an estimate that noisy says
+    nothing); 4 significant digits as recorded. SURE takes the noise as Gaussian of that variance: at a few photons
+    the Poisson counts make it approximate (benchmarks/README.md has the coverage it gives)."""
+    raw = (1.0, 0.0)
     gain, intercept = noise_fit
     if not (np.isfinite(gain) and gain > 0):
-        return 1.0
+        return raw
     _, regions = _regions(plan, spec, seed)
-    risk = spread = 0.0
+    gram, rhs = np.zeros((2, 2)), np.zeros(2)  # the normal equations over the bases (s², 1)
     for where, rng in regions:
         reg = _region_restored(*where, gain, intercept, rng, seed)
         inner, v = reg["inner"], reg["v"]
-        residual = (reg["y"] - reg["f"])[inner]
-        divergence = np.sum((reg["b"] * v * (reg["f2"] - reg["f"]))[inner]) / reg["eps"]
-        risk += float(np.dot(residual, residual) - np.sum(v[inner]) + 2 * divergence)
-        spread += float(np.sum(reg["std"][inner] ** 2))
-    if not (spread > 0 and risk > 0 and np.isfinite(risk)):
-        return 1.0
-    return round(float(np.sqrt(risk / spread)), 3)
+        risk = (reg["y"] - reg["f"]) ** 2 - v + 2 * v * reg["b"] * (reg["f2"] - reg["f"]) / reg["eps"]
+        bases = np.stack([reg["std"][inner] ** 2, np.ones(int(inner.sum()))])
+        gram += bases @ bases.T
+        rhs += bases @ risk[inner]
+    coef = _nonnegative_least_squares(gram, rhs)
+    if coef is None or not coef.any():
+        return raw
+    return tuple(float(f"{np.sqrt(c):.4g}") for c in coef)
+
+
+def _nonnegative_least_squares(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray | None:
+    """argmin over a >= 0 of a' G a - 2 a' r (G positive semi-definite), by trying every set of free coefficients
+    (two here); None when nothing is finite."""
+    n, best, best_value = len(rhs), None, np.inf
+    for mask in range(1 << n):
+        free = [i for i in range(n) if mask >> i & 1]
+        a = np.zeros(n)
+        if free:
+            sub = gram[np.ix_(free, free)]
+            if abs(np.linalg.det(sub)) < 1e-300:
+                continue
+            a[free] = np.linalg.solve(sub, rhs[free])
+        if np.all(a >= 0) and np.all(np.isfinite(a)):
+            value = a @ gram @ a - 2 * a @ rhs
+            if value < best_value:
+                best, best_value = a, value
+    return best
 
 
 def _regions(plan, spec, seed: int):

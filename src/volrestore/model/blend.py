@@ -7,13 +7,17 @@ from scipy import ndimage
 
 # The candidates besides the restoration f, each weighted per image by blockwise.sure: the input y itself, in-plane
 # Gaussian filters of it (sigma in voxels), and its average over neighbouring planes (a Gaussian of Z_SIGMA planes cut
-# at Z_RADIUS, the planes a 2.5D tile brings as context), alone and filtered in-plane by Z_LATERAL_SIGMA. The z ones
+# at Z_RADIUS, the planes a 2.5D tile brings as context), alone and filtered in-plane by Z_LATERAL_SIGMAS. The z ones
 # put back, where SURE finds it pays (finely sampled stacks), the averaging across planes that the shipped 2.5D net
 # learned to distrust (its z-stride training for coarse stacks): measured with the truth-chosen weights on the
 # shipped regression, RBC at 10 photons +0.75 dB, CHO (1 um planes) +0.05 (NOTES.md).
-BLEND_SIGMAS = (0.5, 1.0)
-Z_SIGMA, Z_RADIUS, Z_LATERAL_SIGMA = 1.0, 2, 1.0
-N_WEIGHTS = 1 + len(BLEND_SIGMAS) + 2
+# Wider filters since 2026-12-07 (in-plane 2 and 4, z-averaged 2 and 4, shipped regression on the quality crops at
+# 10 / 30 photons): binned CHO +0.17 / +0.23 dB, RBC +0.23 / +0.35, CHO +0.03 / +0.05, phantoms -0.13 / +0.01;
+# adding 8 in-plane cost the phantoms 0.06 more and gained nothing on the real crops (NOTES.md).
+BLEND_SIGMAS = (0.5, 1.0, 2.0, 4.0)
+Z_SIGMA, Z_RADIUS, Z_LATERAL_SIGMAS = 1.0, 2, (1.0, 2.0, 4.0)
+LATERAL = 1 + len(BLEND_SIGMAS)  # the candidates of any model: y and its in-plane smoothings; the z ones follow
+N_WEIGHTS = LATERAL + 1 + len(Z_LATERAL_SIGMAS)
 
 
 def smoothed(y: np.ndarray, sigma: float) -> np.ndarray:
@@ -51,7 +55,7 @@ def candidates(y: np.ndarray, z: np.ndarray | None) -> list[np.ndarray]:
     """The blend's candidates in weight order (y, its in-plane smoothings, then z and z smoothed in-plane); a model
     without planes around its tiles (2D) has no z ones (None)."""
     out = [y] + [smoothed(y, s) for s in BLEND_SIGMAS]
-    return out + ([z, smoothed(z, Z_LATERAL_SIGMA)] if z is not None else [None, None])
+    return out + ([z] + [smoothed(z, s) for s in Z_LATERAL_SIGMAS] if z is not None else [None] * (N_WEIGHTS - LATERAL))
 
 
 def blend(f: np.ndarray, y: np.ndarray, weights, z: np.ndarray | None = None) -> np.ndarray:
@@ -80,10 +84,10 @@ def taps(context: int, spatial_dims: int, planes: int = 0) -> list:
     A 2.5D tile's own plane is one of its context planes only where the volume ends mirror them onto it: ignored."""
     lateral = [1.0] + [centre_tap(s) for s in BLEND_SIGMAS]
     if not has_planes(context, spatial_dims):
-        return lateral + [None, None]
+        return lateral + [None] * (N_WEIGHTS - LATERAL)
     if context:
         k = z_kernel(min(context, Z_RADIUS))
         own = float(k[len(k) // 2])
     else:
         own = np.diagonal(ndimage.correlate1d(np.eye(planes), z_kernel(), axis=1, mode="reflect")).copy()
-    return lateral + [own, own * centre_tap(Z_LATERAL_SIGMA)]
+    return lateral + [own] + [own * centre_tap(s) for s in Z_LATERAL_SIGMAS]

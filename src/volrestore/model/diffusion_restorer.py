@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from volrestore.model import diffusion as dfn
-from volrestore.model.blend import N_WEIGHTS, blend, has_planes, z_averaged
+from volrestore.model.blend import LATERAL, N_WEIGHTS, blend, has_planes, z_averaged
 from volrestore.model import nets
 from volrestore.model import noise
 from volrestore.errors import UserError
@@ -28,9 +28,9 @@ PHOTONS = "photons"
 # Only for one-pass (regression) models: the weights of the input and its smoothed copies added to the restoration
 # (model.blend), chosen by the engine with SURE on sampled tiles unless given (blockwise.sure); recorded.
 BLEND = "blend"
-# Only with std (K >= 2 samples of a diffusion model): the factor on the samples' spread that makes it the estimated
-# error of their mean, chosen by the engine with SURE on sampled tiles unless given (blockwise.sure.std_scale);
-# recorded. "off" (1.0) writes the raw spread.
+# Only with std (K >= 2 samples of a diffusion model): (factor, floor) that make the samples' spread s the estimated
+# error of their mean, std = sqrt((factor s)² + floor²), fitted by the engine with SURE on sampled tiles unless given
+# (blockwise.sure.std_scale); recorded. "off" (1, 0) writes the raw spread.
 STD_SCALE = "std_scale"
 # Options that change how the model runs, not what it computes: not recorded, never block --resume.
 EXTRAS = {"device": "auto", "compile": False}
@@ -185,19 +185,22 @@ def _photons(value) -> float | None:
     return photons
 
 
-def _std_scale(value) -> float | None:
-    """--std-scale as a factor: None (auto: the engine measures it), off (1.0: the raw spread) or a positive number."""
+def _std_scale(value) -> tuple[float, float] | None:
+    """--std-scale as (factor, floor), std = sqrt((factor · spread)² + floor²): None (auto: the engine fits both on
+    the image), off (1, 0: the raw spread), a factor, or both (as recorded; "FACTOR,FLOOR" on the command line)."""
     if value is None or value == "auto":
         return None
     if value == "off":
-        return 1.0
+        return (1.0, 0.0)
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     try:
-        scale = float(value)
+        pair = tuple(float(v) for v in parts) + ((0.0,) if len(parts) == 1 else ())
     except (TypeError, ValueError):
-        scale = float("nan")
-    if not scale > 0 or math.isinf(scale):
-        raise UserError(f"--std-scale must be auto, off or a positive factor, got {value!r}")
-    return scale
+        pair = ()
+    if len(pair) != 2 or not (pair[0] >= 0 and pair[1] >= 0 and any(pair)) or not all(map(math.isfinite, pair)):
+        raise UserError(f"--std-scale must be auto, off, a positive factor or FACTOR,FLOOR (>= 0, not both 0), got "
+                        f"{value!r}")
+    return pair
 
 
 def _blend(value) -> tuple[float, ...] | None:
@@ -261,7 +264,7 @@ class DiffusionRestorer:
     def __init__(self, checkpoint_path, samples: int = 1, sampler: str | None = None, steps: int | None = None,
                  std: bool = False, device: str = "cpu", compile: bool = False, model_hash: str | None = None,
                  normalise: str = "model", input_range=None, noise: str = noise.SCHEME, tta: int = 1,
-                 photons: float | None = None, blend=None, std_scale: float | None = None):
+                 photons: float | None = None, blend=None, std_scale=None):
         ck = load_checkpoint(checkpoint_path)
         if model_hash is not None and ck["hash"] != model_hash:
             raise UserError(f"model {checkpoint_path} changed since the run was planned (hash differs): restart it")
@@ -292,8 +295,8 @@ class DiffusionRestorer:
             raise ValueError("a model conditioned on the noise level needs photons (the engine measures them)")
         # None here (a library caller) blends nothing; the engine always passes the weights it chose (blockwise.sure)
         self.blend = tuple(float(w) for w in blend) if blend is not None else (0.0,) * N_WEIGHTS
-        # None here (a library caller) writes the raw spread; the engine passes the factor it chose or was given
-        self.std_scale = 1.0 if std_scale is None else float(std_scale)
+        # None here (a library caller) writes the raw spread; the engine passes the (factor, floor) it fitted or was given
+        self.std_scale = (1.0, 0.0) if std_scale is None else tuple(float(v) for v in std_scale)
         self.hash = ck["hash"]
         self.regression = self.objective == "regression"
         self.samples = 1 if self.regression else samples
@@ -371,11 +374,14 @@ class DiffusionRestorer:
         mean = runs.mean(axis=1)
         if any(self.blend):  # with the tile's own input voxels (a 2.5D tile's centre slice): model.blend
             own = np.asarray(tiles, np.float64)[:, c] if c else np.asarray(tiles, np.float64).reshape(mean.shape)
-            planes = has_planes(c, self.spatial_dims) and any(self.blend[3:])  # the z candidates are weighted
+            planes = has_planes(c, self.spatial_dims) and any(self.blend[LATERAL:])  # the z candidates are weighted
             z = z_averaged(tiles, c).reshape(mean.shape) if planes else None
             mean = blend(mean, own, self.blend, z)
         mean = mean.astype(np.float32)
         if "std" in self.outputs:
             std = runs.std(axis=1, ddof=1)
-            std = (std if self.std_scale == 1.0 else std * self.std_scale).astype(np.float32)
+            if self.std_scale != (1.0, 0.0):
+                factor, floor = self.std_scale
+                std = np.sqrt((factor * std) ** 2 + floor ** 2)
+            std = std.astype(np.float32)
         return {"mean": mean, "std": std} if "std" in self.outputs else {"mean": mean}
