@@ -31,6 +31,7 @@ def test_a_tile_result_does_not_depend_on_its_batch_mates_or_position(restorer):
     np.testing.assert_allclose(single, ref[0], rtol=0, atol=1e-5 * np.abs(ref[0]).max())
 
 
+@pytest.mark.slow
 def test_batched_restore_is_bitwise_across_blocks_and_chunks(session_cluster, tmp_path):
     data = (np.random.default_rng(3).random((3, 56, 72)) * 1000).astype(np.uint16)
     src = tmp_path / "in.ome.zarr"

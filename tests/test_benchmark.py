@@ -9,6 +9,7 @@ from _io_helpers import assert_user_error, cli
 from volrestore.evaluation import benchmark
 
 
+@pytest.mark.slow
 def test_benchmark_json_fields_are_complete_and_consistent():
     result = cli("benchmark", "--preset", "tiny-3d", "--size", 16, 16, 16, "--tile", 16, 16, 16,
                  "--overlap", 4, "--batch", 3, "--steps", 2, "--samples", 2, "--json")

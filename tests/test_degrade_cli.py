@@ -32,6 +32,7 @@ def test_chunkwise_blur_and_binning_equal_the_whole_volume_model(clean, tmp_path
     assert info.complete and info.levels[0].scale == [2.0, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_noise_is_repeatable_and_at_the_requested_level(clean, tmp_path):
     path, data = clean
     for name in ("a", "b"):
@@ -54,6 +55,7 @@ def test_bad_input(clean, tmp_path):
                           "poisson:photons=5"), tmp_path / "y.ome.zarr")
 
 
+@pytest.mark.slow
 def test_a_sharded_pyramid_keeps_its_levels_and_shards(tmp_path):
     from volrestore import write
 

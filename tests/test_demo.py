@@ -141,6 +141,7 @@ def test_a_copy_of_the_default_model_given_by_path_restores_as_default(degraded,
     assert (outputs["default"] == outputs[str(copy)]).all()
 
 
+@pytest.mark.slow
 def test_default_model_adapts_to_the_image_intensity_units(degraded, session_cluster, tmp_path):
     """normalise=image (the default model's default): gain and offset of the camera do not change the restoration."""
     import numpy as np

@@ -5,6 +5,7 @@ teacher's weights, it restores, and resumes without the teacher's work again (ba
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from _io_helpers import cli, tree_hash
 from conftest import TINY_DEGRADE
@@ -27,6 +28,7 @@ def noisy_phantom(path, ref):
     return str(path)
 
 
+@pytest.mark.slow
 def test_distill_trains_a_student_on_the_teachers_average(tiny_models, session_cluster, tmp_path):
     teacher, addr = tiny_models("edm"), session_cluster.scheduler.address
     noisy = noisy_phantom(tmp_path / "noisy.ome.zarr", tiny_models.ref)
@@ -68,6 +70,7 @@ def test_distill_trains_a_student_on_the_teachers_average(tiny_models, session_c
     assert load_checkpoint(student)["iteration"] == 5
 
 
+@pytest.mark.slow
 def test_student_weights_are_the_teachers_without_the_noisy_sample_input(tiny_models):
     tk = load_checkpoint(tiny_models("edm"))
     state = nets.student_weights(tk["ema"], tk["preset"])

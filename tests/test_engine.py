@@ -164,6 +164,7 @@ def _wait_for_markers(out, n, proc=None, timeout=120):
     raise AssertionError(f"fewer than {n} blocks done in {timeout}s")
 
 
+@pytest.mark.slow
 def test_kill_process_group_and_resume_is_bitwise(addr, volume, tmp_path):
     _, a, _ = volume
     args = [*map(str, TILE), "--chunks", "4", "16", "16", "--block", "4", "16", "16"]  # 45 blocks
@@ -191,6 +192,7 @@ def test_kill_process_group_and_resume_is_bitwise(addr, volume, tmp_path):
     assert "already complete" in run(addr, a, out, "--model", "test-randcnn", *args, "--resume").output
 
 
+@pytest.mark.slow
 def test_worker_sigkill_mid_run_completes_identically(volume, tmp_path):
     from volrestore.cluster.client import connect
 

@@ -51,6 +51,7 @@ def test_blockwise_equals_in_memory(volumes):
         assert whole[key] == pytest.approx(lazy[key], rel=1e-10)
 
 
+@pytest.mark.slow
 def test_cli_json_and_per_slice_csv(volumes):
     csv_path = volumes["tmp"] / "slices.csv"
     result = CliRunner().invoke(main, ["evaluate", str(volumes["better_p"]), str(volumes["clean_p"]), "--json",
@@ -105,6 +106,7 @@ def test_errors(volumes, tmp_path):
         assert message in result.output and result.output.startswith("error: "), result.output
 
 
+@pytest.mark.slow
 def test_uncertainty_calibration_and_reliability_figure(volumes, tmp_path):
     std = write_image(tmp_path / "std.ome.zarr", np.full(volumes["clean"].shape, 20.0, np.float32))
     png = tmp_path / "rel.png"

@@ -66,6 +66,7 @@ def test_network_memory_is_linear_in_voxels_so_two_probes_predict_a_big_tile():
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.slow
 def test_cpu_workers_reuse_freed_memory_instead_of_faulting_it_in_again(monkeypatch):
     """A CPU worker (pin_torch_threads) keeps the big blocks torch frees, so the next call's tensors do not fault their
     pages in again (VOLRESTORE_KEEP_FREED_MEMORY=0 turns it off); in a thread, as Dask runs tasks, that also needs

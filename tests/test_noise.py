@@ -64,6 +64,7 @@ def test_the_field_is_standard_normal_and_independent():
     assert np.allclose(counts / n, [0.1587, 0.3413, 0.3413, 0.1587], atol=0.005)
 
 
+@pytest.mark.slow
 def test_restore_with_device_noise_is_bitwise_across_blocks_and_names_its_scheme(session_cluster, tmp_path):
     from volrestore.simulate import synthetic
 

@@ -72,6 +72,7 @@ def markers(out):
 # ----------------------------------------------------------------------------------------------- the lock
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_into_one_output_exactly_one_proceeds(addr, volume, tmp_path):
     _, src = volume
     out = tmp_path / "out.ome.zarr"
@@ -90,6 +91,7 @@ def test_two_runs_at_once_into_one_output_exactly_one_proceeds(addr, volume, tmp
     assert read(out).tobytes() == read(ref).tobytes()
 
 
+@pytest.mark.slow
 def test_overwrite_and_resume_during_a_run_are_refused(addr, volume, tmp_path):
     _, src = volume
     out = tmp_path / "out.ome.zarr"
@@ -151,6 +153,7 @@ def test_heartbeat_keeps_a_long_run_live(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- overwrite
 
 
+@pytest.mark.slow
 def test_killed_overwrite_leaves_the_old_output_and_a_later_one_replaces_it(addr, volume, tmp_path):
     _, src = volume
     out = tmp_path / "out.ome.zarr"

@@ -10,10 +10,12 @@ its capability's recordings, or, of an unrecorded kind, any recording."""
 
 import json
 
+import pytest
 import torch
 from reference_outputs import REFERENCE, run_cases
 
 
+@pytest.mark.slow
 def test_outputs_bitwise_equal_to_recorded_reference(tmp_path):
     recorded = json.loads(REFERENCE.read_text())
     got = run_cases(tmp_path)

@@ -130,6 +130,7 @@ def clean(tmp_path_factory):
     return str(volrestore.write_image(d / "clean.ome.zarr", data, chunks=(4, 16, 16)).path), d
 
 
+@pytest.mark.slow
 def test_degrade_and_evaluate_on_a_cluster_equal_the_local_run(cluster, clean):
     src, d = clean
     addr = cluster.scheduler.address

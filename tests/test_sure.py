@@ -69,6 +69,7 @@ def test_blend_weights_match_what_the_truth_would_choose(textured, sigma):
     assert sure.blend_weights(plan, spec, (float("nan"), float("nan")), 100.0) == zero  # no noise model
 
 
+@pytest.mark.slow
 def test_regression_blend_through_the_cli(tiny_models, session_cluster, tmp_path):
     """A regression model's blend weights are chosen on the image and recorded; --blend off gives f, --blend 0.5
     gives f + 0.5 (y - f) exactly; out-of-range shares and diffusion models are refused with one line."""
@@ -94,6 +95,7 @@ def test_regression_blend_through_the_cli(tiny_models, session_cluster, tmp_path
                           "--blend", "0.3"), tmp_path / "y.ome.zarr", contains="one-pass (regression) models")
 
 
+@pytest.mark.slow
 def test_std_scale_makes_the_spread_the_error_of_the_mean(tiny_models, session_cluster, tmp_path):
     """With the image's noise model, SURE's fit (a factor on the spread and a floor) makes the std's mean square the
     mean's squared error against the truth (within 25 %: SURE's own spread on 2 sampled 128² planes at 10 photons is

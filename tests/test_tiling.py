@@ -52,6 +52,7 @@ def restore(session_cluster):
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,options", [("regression", []),
                                                ("edm", ["--samples", "1", "--steps", "3", "--seed", "3"])])
+@pytest.mark.slow
 def test_tile_size_does_not_change_the_restoration(tiny_models, held_out, restore, tmp_path, objective, options):
     _, _, src = held_out
     model = str(tiny_models(objective))

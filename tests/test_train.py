@@ -36,6 +36,7 @@ def run(path, sampler, iterations, resume=False, **kw):
 
 
 @pytest.mark.parametrize("preset,patch", [("tiny-2d", (32, 32)), ("tiny-3d", (8, 16, 16))])
+@pytest.mark.slow
 def test_training_loss_falls(tmp_path, preset, patch):
     sampler = make_sampler(shape=(16, 96, 64), patch=patch)
     losses = []
@@ -57,6 +58,7 @@ def test_resume_continues_identically(tmp_path):
         run(tmp_path / "b.pt", sampler, 9, resume=True, objective="eps")
 
 
+@pytest.mark.slow
 def test_checkpoint_roundtrip_and_validation(tmp_path, tiny_models):
     path = tiny_models("edm")  # conftest: tiny-2.5d, TINY_ITERATIONS["edm"] iterations, validated at the end
     loaded = checkpoint.load_checkpoint(path)

@@ -41,6 +41,7 @@ def images(tmp_path_factory):
             "flat": make_image(d / "flat.ome.zarr", clean[0], axes="yx")}
 
 
+@pytest.mark.slow
 def test_ddp_two_workers_match_one_worker_with_doubled_batch(images, cluster, tmp_path):
     """The global batch of iteration i is defined by (seed, i) and each sample's timestep and noise by its global
     index, so 2 gloo ranks of batch 2 follow 1 worker of batch 4; only all-reduce rounding may differ."""
@@ -58,6 +59,7 @@ def test_ddp_two_workers_match_one_worker_with_doubled_batch(images, cluster, tm
     assert b["provenance"]["workers"] == 2 and not partial_path(two["out"]).exists()
 
 
+@pytest.mark.slow
 def test_train_cli_then_restore_then_resume(images, cluster, tmp_path):
     out, addr = tmp_path / "m.pt", cluster.scheduler.address
     result = cli("train", "--target", images["clean"], "--degrade", DEGRADE, *SHORT, "--iterations", 4,
@@ -101,6 +103,7 @@ def test_z_strides_are_recorded_and_change_training(images, cluster, tmp_path):
                           "--resume"), contains="different z_strides")
 
 
+@pytest.mark.slow
 def test_photon_conditioned_model_trains_and_restores_with_measured_or_given_photons(images, cluster, tmp_path):
     """`train --condition photons` tells a regression net each patch's drawn level; `restore` measures the image's
     level (recorded in provenance, so --resume compares it) or takes --photons, and the level changes the result;
@@ -137,6 +140,7 @@ def test_photon_conditioned_model_trains_and_restores_with_measured_or_given_pho
                       contains="--photons must be a positive number")
 
 
+@pytest.mark.slow
 def test_init_fine_tunes_the_shipped_default_and_refuses_contradictions(images, cluster, tmp_path):
     """`train --init default` starts from the shipped regression's EMA weights with its network, objective and
     condition and a quarter of its learning rate, records the model's hash, restores through the CLI; options that

@@ -98,6 +98,7 @@ def _screenshot(driver, until: float):
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_neuroglancer_renders_the_served_sharded_output_x_horizontal(tmp_path):
     chromium, chromedriver = _browser()
     import neuroglancer
