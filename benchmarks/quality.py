@@ -447,6 +447,13 @@ def std_scale_of(out: Path) -> list | None:
     return ngff.read_info(str(out)).provenance["parameters"]["model"]["options"].get("std_scale")
 
 
+def raw_spread(std: np.ndarray, scale) -> np.ndarray | None:
+    """The samples' own spread behind a fitted std = sqrt((factor spread)² + floor²), `scale` = (factor, floor):
+    inverted per voxel (exact where one tile covers it); None where the factor is 0 (the spread is gone)."""
+    factor, floor = scale
+    return np.sqrt(np.maximum(std ** 2 - floor ** 2, 0.0)) / factor if factor > 0 else None
+
+
 def restore(noisy_path: Path, model: str, tag: str, *, samples=None, sampler=None, steps=None, std=False,
             cluster="local", tta=None, blend=None):
     """`volrestore restore`; returns (output path, std path or None, wall s), cached next to the input by tag."""
@@ -490,14 +497,12 @@ def run_volume(name: str, args, crops, install_care: bool) -> dict:
             pred = (read(path) if pred is None else pred).astype(np.float64)
             row.update(score(pred, truth))
             if std_path is not None:
-                std, (factor, floor) = read(std_path).astype(np.float64), std_scale_of(path)
+                std, scale = read(std_path).astype(np.float64), std_scale_of(path)
                 row["calibration"] = metrics.calibration(pred, std, truth)
-                # the samples' raw spread as well (restore fitted std = sqrt((factor spread)² + floor²) with SURE;
-                # inverted per voxel, exact where one tile covers it)
-                row["std_scale"], row["calibration_raw"] = [factor, floor], None  # factor 0: the spread is gone
-                if factor > 0:
-                    spread = np.sqrt(np.maximum(std ** 2 - floor ** 2, 0.0)) / factor
-                    row["calibration_raw"] = metrics.calibration(pred, spread, truth)
+                # the samples' raw spread as well (restore fitted the std with SURE)
+                spread = raw_spread(std, scale)
+                row["std_scale"] = list(scale)
+                row["calibration_raw"] = None if spread is None else metrics.calibration(pred, spread, truth)
                 row["std_path"] = str(std_path)
             row["path"] = str(path)
         tables[f"{p:g}"].append(row)

@@ -13,10 +13,13 @@ against clean_eval. Prints PSNR / SSIM; results to VOLUME_DIR/restore_trained.js
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (the quality benchmark's reader and scores)
 
 
 def main() -> None:
@@ -25,9 +28,6 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--photons", nargs="+", type=float, default=[3, 10, 30])
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).with_name("quality.py"))
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
     truth = quality.read(args.volume_dir / "clean_eval.ome.zarr")
     results = {}
     for item in args.model:

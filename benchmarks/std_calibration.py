@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (the quality benchmark's std fit readers)
 
 
 def main() -> None:
@@ -43,8 +47,8 @@ def main() -> None:
                            samples=args.samples, std=True, overwrite=True, progress=False, echo=lambda *a: None)
         mean = np.asarray(ngff.open_level(str(out), 0)[...], np.float64)
         std = np.asarray(ngff.open_level(str(out).replace(".ome.zarr", ".std.ome.zarr"), 0)[...], np.float64)
-        factor, floor = ngff.read_info(str(out)).provenance["parameters"]["model"]["options"]["std_scale"]
-        spread = np.sqrt(np.maximum(std ** 2 - floor ** 2, 0.0)) / factor if factor > 0 else None
+        factor, floor = quality.std_scale_of(out)
+        spread = quality.raw_spread(std, (factor, floor))
         rows[name] = {"psnr": metrics.psnr(mean, truth), "std_scale": [factor, floor],
                       "coverage": metrics.calibration(mean, std, truth),
                       "coverage_raw": None if spread is None else metrics.calibration(mean, spread, truth)}

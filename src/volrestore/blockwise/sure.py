@@ -130,8 +130,7 @@ def _regions(plan, spec, seed: int):
     # Regions smaller than REGION (a small image, or planes of one) are sampled until they hold as many voxels as
     # SURE_REGIONS full ones: the fit's noise falls with its voxel count (9 blend weights on two 64² planes of a
     # small crop vs all 16: shipped regression on the quality crops +0.08 dB on average, NOTES.md).
-    full = math.prod(REGION["z"] if d == 0 and len(grid.axes) == 3 and ax.tile > 1 else REGION["lateral"]
-                     for d, ax in enumerate(grid.axes) if ax.tile > 1 or d > 0)
+    full = math.prod(_region_extent(plan.grid, d) for d in range(len(plan.grid.axes)))
     count = min(n, max(SURE_REGIONS, -(-SURE_REGIONS * full // math.prod(grid.tile_shape))))
     picks = sorted({min(n - 1, (i + 1) * n // (count + 1)) for i in range(count)})
     return restorer, [((plan, grid, restorer, src, plan.spatial_axes, fixed, np.unravel_index(flat, grid.counts)),
@@ -146,10 +145,17 @@ def _region_grid(grid, multiple: int):
         if ax.tile == 1:
             axes.append(AxisGrid(ax.size, 1, 0, ax.context))
             continue
-        want = REGION["z"] if d == 0 and len(grid.axes) == 3 else REGION["lateral"]
-        want = max(multiple, want // multiple * multiple)
+        want = max(multiple, _region_extent(grid, d) // multiple * multiple)
         axes.append(AxisGrid(ax.size, fitted_tile(ax.size, want, 0, multiple), 0, ax.context))
     return Grid(tuple(axes))
+
+
+def _region_extent(grid, d: int) -> int:
+    """A full region's voxels along axis d of the run's tile grid: REGION's z or lateral size, 1 where the run does
+    not tile (tile 1)."""
+    if grid.axes[d].tile == 1:
+        return 1
+    return REGION["z"] if d == 0 and len(grid.axes) == 3 else REGION["lateral"]
 
 
 def _region_restored(plan, grid, restorer, src, spatial, fixed, k, gain, intercept, rng, seed) -> dict:
